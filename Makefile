@@ -1,0 +1,69 @@
+# dicom-ai-node: every set-up step lives here, so a fresh clone needs only
+#   make demo   (the node end to end on the embedded default)
+#   make test   (the test suite, with its real DICOM peers)
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Debian packages the tests talk to: dcmtk (storescu/storescp/echoscu),
+# Orthanc (the PACS), dicom3tools (dciodvfy, the validator).
+PEERS := dcmtk orthanc dicom3tools
+PYTEST_ARGS ?=
+
+.PHONY: help venv peers services test demo lint bench bench-ingest train-demo clean
+
+help:
+	@echo "make demo | test | lint | bench | train-demo | clean"
+
+# The venv is rebuilt when pyproject.toml changes. torch goes first and pinned:
+# it resolves to the local CPU wheel, so nothing can pull a CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev,postgres]"
+	touch $@
+
+venv: $(STAMP)
+
+# Install the DICOM peers when missing and we are root; otherwise say what is missing.
+peers:
+	@missing=""; \
+	command -v storescu >/dev/null || missing="$$missing dcmtk"; \
+	command -v Orthanc >/dev/null || test -x /usr/sbin/Orthanc || missing="$$missing orthanc"; \
+	command -v dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing DICOM test peers:$$missing"; \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(PEERS); \
+	  else \
+	    echo "missing DICOM test peers:$$missing (run as root or: sudo apt-get install $(PEERS))" >&2; \
+	  fi; \
+	fi
+
+# PostgreSQL for the database tests; the tests also start it themselves.
+services:
+	@$(BIN)/python -m tests.support.services || true
+
+test: $(STAMP) peers services
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(BIN)/ainode demo $(if $(SERIES),--series "$(SERIES)",)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+bench: $(STAMP) peers
+	@ls bench/*.py >/dev/null 2>&1 && for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b; done
+
+bench-ingest: $(STAMP) peers
+	$(BIN)/python bench/bench_ingest.py
+
+train-demo: $(STAMP)
+	$(BIN)/ainode train-demo
+
+clean:
+	rm -rf $(VENV) data .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,66 @@
+"""The ``ainode`` command line: the only place that configures logging and exits.
+
+Every command takes the global ``--config FILE`` (or the embedded defaults),
+prints tables by default and JSON with ``--json``, and turns a NodeError into
+a one-line message and an exit code: 2 for refused input or configuration, 1
+for a failure while doing the work.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from node import __version__
+from node.cli import config_cmd, db_cmd, demo_cmd
+from node.cli.context import AppContext
+from node.errors import ConfigError, InputError, NodeError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="ainode",
+    help="dicom-ai-node: a PACS-integrated DICOM AI node (research use, not a medical device).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(db_cmd.app, name="db")
+app.add_typer(config_cmd.app, name="config")
+app.command("demo")(demo_cmd.demo)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"ainode {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="YAML config file (default: embedded defaults)",
+                     envvar="AINODE_CONFIG", exists=False),
+    ] = None,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    ctx.obj = AppContext(config_path=config)
+
+
+def exit_code(exc: NodeError) -> int:
+    return 2 if isinstance(exc, ConfigError | InputError) else 1
+
+
+def main() -> None:
+    try:
+        app()
+    except NodeError as exc:
+        typer.echo(f"ainode: error: {exc}", err=True)
+        sys.exit(exit_code(exc))

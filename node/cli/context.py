@@ -1,0 +1,54 @@
+"""Shared state of one CLI invocation: the config, loaded once, and what hangs off it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import typer
+
+from node import logs
+from node.config import NodeConfig, load_config
+from storage.db import Database
+from storage.filestore import FileStore
+
+__all__ = ["AppContext", "get"]
+
+
+@dataclass
+class AppContext:
+    config_path: Path | None = None
+    _config: NodeConfig | None = field(default=None, repr=False)
+    _db: Database | None = field(default=None, repr=False)
+
+    @property
+    def config(self) -> NodeConfig:
+        if self._config is None:
+            self._config = load_config(self.config_path)
+            lc = self._config.logging
+            logs.configure(lc.level, lc.format, lc.file)
+        return self._config
+
+    @property
+    def db(self) -> Database:
+        if self._db is None:
+            self._db = Database(self.config.storage.effective_database_url)
+        return self._db
+
+    def filestore(self) -> FileStore:
+        s = self.config.storage
+        return FileStore(
+            s.data_dir,
+            spool_dir=s.spool_dir,
+            results_dir=s.results_dir,
+            min_free_mb=s.min_free_mb,
+        )
+
+
+def get(ctx: typer.Context) -> AppContext:
+    """The AppContext of the root command (sub-apps share it)."""
+    obj = ctx.find_root().obj
+    if not isinstance(obj, AppContext):
+        obj = AppContext()
+        ctx.find_root().obj = obj
+    return obj

@@ -1,0 +1,275 @@
+"""Typed node configuration, validated once at start-up.
+
+Why pydantic with ``extra="forbid"`` everywhere: a typo in a hospital's YAML
+(``ae_tilte``) must stop the node with the key named, not be silently ignored
+while the node runs on a default the admin never chose.
+
+Sources, highest priority first: environment variables (``AINODE_`` prefix,
+``__`` between nested keys, the pydantic-settings convention), the YAML file
+given with ``--config``, then the embedded defaults below. The defaults alone
+run a complete node: data under ``./data``, SQLite, port 11112, AE ``AINODE``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from node.errors import ConfigError
+
+__all__ = [
+    "CallerConfig",
+    "DestinationConfig",
+    "DicomConfig",
+    "InferenceConfig",
+    "LoggingConfig",
+    "NodeConfig",
+    "SeriesConfig",
+    "StorageConfig",
+    "TLSConfig",
+    "load_config",
+]
+
+# DICOM PS3.5 AE titles: up to 16 characters of the default repertoire, no
+# backslash or control characters, and not all spaces.
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+ResultKind = Literal["SEG", "SR", "GSPS", "SC"]
+DEFAULT_ACCEPTS: tuple[ResultKind, ...] = ("SEG", "SR", "GSPS")
+
+
+def _check_ae_title(value: str) -> str:
+    if not _AE_TITLE.match(value) or not value.strip():
+        raise ValueError("an AE title is 1-16 printable characters, no backslash, not all spaces")
+    return value.strip()
+
+
+AETitle = Annotated[str, AfterValidator(_check_ae_title)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TLSConfig(_Section):
+    """TLS on DICOM associations (PS3.15 Annex B, the secure transport profile)."""
+
+    enabled: bool = False
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = Field(
+        default=None, description="CA bundle used to verify peers' certificates"
+    )
+    require_peer_cert: bool = Field(
+        default=False, description="refuse peers that present no certificate signed by ca_file"
+    )
+
+    @model_validator(mode="after")
+    def _needs_files(self) -> TLSConfig:
+        if self.enabled and (self.cert_file is None or self.key_file is None):
+            raise ValueError("tls.enabled needs cert_file and key_file")
+        if self.require_peer_cert and self.ca_file is None:
+            raise ValueError("tls.require_peer_cert needs ca_file")
+        return self
+
+
+class CallerConfig(_Section):
+    """A peer allowed to open an association: its calling AE title and, optionally, hosts."""
+
+    ae_title: AETitle
+    hosts: list[str] = Field(
+        default_factory=list, description="source IP addresses; empty means any host"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        # Allow the short form `- PACS` in YAML for a caller with no host restriction.
+        if isinstance(value, str):
+            return {"ae_title": value}
+        return value
+
+
+class DicomConfig(_Section):
+    ae_title: AETitle = "AINODE"
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 11112
+    allowed_callers: list[CallerConfig] = Field(
+        default_factory=list,
+        description="who may associate; an empty list accepts any caller (logged as a warning)",
+    )
+    max_associations: Annotated[int, Field(ge=1, le=1000)] = 16
+    max_pdu: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0
+    acse_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    dimse_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    network_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    tls: TLSConfig = Field(default_factory=TLSConfig)
+
+    @field_validator("max_pdu")
+    @classmethod
+    def _pdu(cls, value: int) -> int:
+        # PS3.8: 0 means unlimited; otherwise a PDU must hold at least its own header.
+        if value != 0 and value < 4096:
+            raise ValueError("max_pdu is 0 (unlimited) or at least 4096 bytes")
+        return value
+
+
+class StorageConfig(_Section):
+    data_dir: Path = Path("data")
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL; default: a SQLite file <data_dir>/ainode.db",
+    )
+    spool_dir: Path | None = Field(default=None, description="default: <data_dir>/spool")
+    results_dir: Path | None = Field(default=None, description="default: <data_dir>/results")
+    min_free_mb: Annotated[int, Field(ge=0)] = 1024
+    retention_days: Annotated[float, Field(gt=0)] = 30.0
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'ainode.db').resolve()}"
+
+    @property
+    def effective_spool_dir(self) -> Path:
+        return self.spool_dir if self.spool_dir is not None else self.data_dir / "spool"
+
+    @property
+    def effective_results_dir(self) -> Path:
+        return self.results_dir if self.results_dir is not None else self.data_dir / "results"
+
+
+class SeriesConfig(_Section):
+    stable_age_s: Annotated[float, Field(gt=0, le=86400)] = 10.0
+
+
+class InferenceConfig(_Section):
+    device: str = "auto"
+    models_dir: Path | None = Field(
+        default=None, description="default: the demo weights shipped in pipelines/weights"
+    )
+    max_jobs_per_device: Annotated[int, Field(ge=1, le=64)] = 1
+    job_timeout_s: Annotated[float, Field(gt=0)] = 3600.0
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not _DEVICE.match(value):
+            raise ValueError("device is 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        return value
+
+
+class DestinationConfig(_Section):
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    ae_title: AETitle
+    host: str
+    port: Annotated[int, Field(ge=1, le=65535)]
+    accepts: list[ResultKind] = Field(default_factory=lambda: list(DEFAULT_ACCEPTS))
+    calling_ae_title: AETitle | None = Field(
+        default=None, description="AE title we present; default: dicom.ae_title"
+    )
+    tls: bool = False
+
+
+class LoggingConfig(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    format: Literal["keyvalue", "json"] = "keyvalue"
+    file: Path | None = Field(default=None, description="default: standard error")
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+
+class NodeConfig(BaseSettings):
+    """The whole node configuration; see config/node.example.yaml for every key."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="AINODE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_assignment=True,
+    )
+
+    dicom: DicomConfig = Field(default_factory=DicomConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    series: SeriesConfig = Field(default_factory=SeriesConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    destinations: list[DestinationConfig] = Field(default_factory=list)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @field_validator("destinations")
+    @classmethod
+    def _unique_names(cls, value: list[DestinationConfig]) -> list[DestinationConfig]:
+        names = [d.name for d in value]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"destination names must be unique: {', '.join(dupes)}")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The YAML file arrives as init kwargs; environment variables win over it.
+        return (env_settings, init_settings)
+
+
+def _format_errors(exc: ValidationError, origin: str) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {key}: {msg}")
+    return f"invalid configuration ({origin}):\n" + "\n".join(lines)
+
+
+def load_config(path: Path | str | None = None) -> NodeConfig:
+    """Load and validate the configuration, raising ConfigError naming each bad key."""
+    data: dict[str, Any] = {}
+    origin = "embedded defaults"
+    if path is not None:
+        path = Path(path)
+        origin = str(path)
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+        data = loaded
+    try:
+        return NodeConfig(**data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, origin + " + AINODE_* environment")) from exc

@@ -1,0 +1,1 @@
+"""Image processing: series to volume, preprocessing, models, and the DICOM writers."""

@@ -1,0 +1,1 @@
+"""Persistence: the database (studies, series, jobs, results, audit) and the file store."""

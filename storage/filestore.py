@@ -1,0 +1,205 @@
+"""The on-disk layout and the only code that writes into it.
+
+Layout under the data directory::
+
+    spool/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm   received instances, as received
+    quarantine/<SOPInstanceUID>.<sha256-prefix>.dcm     conflicting duplicates, kept aside
+    results/<job id>/<kind>/<SOPInstanceUID>.dcm        objects the node wrote
+    tmp/                                                staging for atomic writes
+
+Why atomic writes (temp file in the same filesystem, fsync, rename, fsync the
+directory): a reader, or a node restarted after SIGKILL or power loss, sees a
+file either complete or not at all, never half-written; and a C-STORE is only
+acknowledged after the rename is durable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from node.errors import InputError, OutOfSpaceError, StorageError
+
+__all__ = ["FileStore", "StoredFile", "atomic_write", "valid_uid"]
+
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_TMP_PREFIX = ".part-"
+
+
+def valid_uid(uid: str) -> bool:
+    """PS3.5 9.1: digits and dots, no leading zeros, at most 64 characters.
+
+    Also what makes a UID safe as a path component (no '/', no '..').
+    """
+    return 0 < len(uid) <= 64 and _UID.match(uid) is not None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(
+    target: Path, chunks: Iterable[bytes], *, tmp_dir: Path | None = None, overwrite: bool = False
+) -> tuple[int, str]:
+    """Write ``chunks`` to ``target`` atomically and durably; returns (size, sha256 hex).
+
+    ``overwrite=False`` uses link() instead of rename() for the final step, so
+    an existing file is never replaced (raises FileExistsError).
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = tmp_dir if tmp_dir is not None else target.parent
+    staging.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=staging)
+    tmp = Path(tmp_name)
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            for chunk in chunks:
+                fh.write(chunk)
+                digest.update(chunk)
+                size += len(chunk)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if overwrite:
+            os.replace(tmp, target)
+        else:
+            os.link(tmp, target)
+            tmp.unlink()
+        _fsync_dir(target.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    return size, digest.hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class StoredFile:
+    path: Path  # absolute
+    relpath: str  # relative to the store root it lives in
+    size: int
+    sha256: str
+
+
+class FileStore:
+    """Owns the spool, quarantine, results and staging directories under one data dir."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        spool_dir: Path | None = None,
+        results_dir: Path | None = None,
+        min_free_mb: int = 0,
+    ) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.spool = (spool_dir or self.data_dir / "spool").resolve()
+        self.results = (results_dir or self.data_dir / "results").resolve()
+        self.quarantine = self.data_dir / "quarantine"
+        self.tmp = self.data_dir / "tmp"
+        self.min_free_bytes = min_free_mb * 1024 * 1024
+        for d in (self.spool, self.results, self.quarantine, self.tmp):
+            d.mkdir(parents=True, exist_ok=True)
+        # Staging must share a filesystem with the target for rename to be atomic.
+        self._spool_tmp = self.spool / ".tmp"
+        self._spool_tmp.mkdir(exist_ok=True)
+
+    # -- space ------------------------------------------------------------
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.spool).free
+
+    def check_space(self, incoming: int = 0) -> None:
+        """Raise OutOfSpaceError if writing ``incoming`` bytes would cross the floor."""
+        free = self.free_bytes()
+        if free - incoming < self.min_free_bytes:
+            raise OutOfSpaceError(
+                f"free space {free // 2**20} MB is below the floor "
+                f"{self.min_free_bytes // 2**20} MB"
+            )
+
+    # -- spool --------------------------------------------------------------
+    def spool_relpath(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
+        for name, uid in (("study", study_uid), ("series", series_uid), ("SOP instance", sop_uid)):
+            if not valid_uid(uid):
+                raise InputError(f"invalid {name} UID {uid!r}")
+        return f"{study_uid}/{series_uid}/{sop_uid}.dcm"
+
+    def write_instance(
+        self, study_uid: str, series_uid: str, sop_uid: str, chunks: Iterable[bytes]
+    ) -> StoredFile:
+        """Write a received instance; FileExistsError if that SOP instance is already stored."""
+        rel = self.spool_relpath(study_uid, series_uid, sop_uid)
+        target = self.spool / rel
+        try:
+            size, sha = atomic_write(target, chunks, tmp_dir=self._spool_tmp)
+        except FileExistsError:
+            raise
+        except OSError as exc:
+            raise StorageError(f"cannot write {rel}: {exc.strerror}") from exc
+        return StoredFile(target, rel, size, sha)
+
+    def spool_path(self, relpath: str) -> Path:
+        return self._inside(self.spool, relpath)
+
+    def write_quarantine(self, sop_uid: str, chunks: Iterable[bytes]) -> StoredFile:
+        """Keep a conflicting duplicate aside, named by its content hash, never overwriting."""
+        staged = self.tmp / f"q-{os.getpid()}-{os.urandom(6).hex()}"
+        size, sha = atomic_write(staged, chunks, tmp_dir=self.tmp)
+        name = f"{sop_uid if valid_uid(sop_uid) else 'invalid-uid'}.{sha[:16]}.dcm"
+        target = self.quarantine / name
+        if target.exists():
+            staged.unlink()
+        else:
+            os.replace(staged, target)
+            _fsync_dir(self.quarantine)
+        return StoredFile(target, name, size, sha)
+
+    # -- results ------------------------------------------------------------
+    def write_result(self, job_id: int, kind: str, sop_uid: str, data: bytes) -> StoredFile:
+        if not valid_uid(sop_uid):
+            raise InputError(f"invalid SOP instance UID {sop_uid!r}")
+        rel = f"{job_id}/{kind}/{sop_uid}.dcm"
+        size, sha = atomic_write(self.results / rel, [data], tmp_dir=self.tmp, overwrite=True)
+        return StoredFile(self.results / rel, rel, size, sha)
+
+    def result_path(self, relpath: str) -> Path:
+        return self._inside(self.results, relpath)
+
+    # -- housekeeping ---------------------------------------------------------
+    def remove_partials(self) -> list[Path]:
+        """Delete staging files left by a crash; they were never acknowledged."""
+        removed = []
+        for d in (self._spool_tmp, self.tmp):
+            for p in d.glob(f"{_TMP_PREFIX}*"):
+                p.unlink(missing_ok=True)
+                removed.append(p)
+        for p in self.spool.rglob(f"{_TMP_PREFIX}*"):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+        return removed
+
+    def remove_series(self, study_uid: str, series_uid: str) -> None:
+        d = self.spool / study_uid / series_uid
+        if d.is_dir() and valid_uid(study_uid) and valid_uid(series_uid):
+            shutil.rmtree(d)
+            with contextlib.suppress(OSError):
+                (self.spool / study_uid).rmdir()  # only if empty
+
+    @staticmethod
+    def _inside(root: Path, relpath: str) -> Path:
+        path = (root / relpath).resolve()
+        if not path.is_relative_to(root):
+            raise StorageError(f"path {relpath!r} escapes {root}")
+        return path

@@ -1,0 +1,73 @@
+"""Fixtures shared by every test tier."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+import sqlalchemy as sa
+
+from storage import migrate
+from storage.db import Database
+from storage.filestore import FileStore
+from tests.support.services import POSTGRES_ADMIN_URL, ensure_postgres
+
+# What the node writes is validated strictly; what it reads is real scanner data
+# that is not always valid, so reading stays tolerant (the node's own policy).
+pydicom.config.settings.writing_validation_mode = pydicom.config.RAISE
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "data"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def filestore(data_dir: Path) -> FileStore:
+    return FileStore(data_dir)
+
+
+@pytest.fixture
+def sqlite_db(data_dir: Path) -> Iterator[Database]:
+    db = Database(f"sqlite:///{data_dir / 'ainode.db'}")
+    migrate.upgrade(db)
+    yield db
+    db.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres_admin() -> Iterator[Database]:
+    if not ensure_postgres():
+        pytest.fail("PostgreSQL is not running on 127.0.0.1:5432 and could not be started")
+    db = Database(POSTGRES_ADMIN_URL)
+    yield db
+    db.dispose()
+
+
+@pytest.fixture
+def postgres_url(postgres_admin: Database) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
+    name = f"ainode_test_{uuid.uuid4().hex[:12]}"
+    with postgres_admin.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+        c.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    with postgres_admin.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+        c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_db(request: pytest.FixtureRequest, data_dir: Path) -> Iterator[Database]:
+    """The migrated schema on each supported back end in turn."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{data_dir / 'ainode.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    db = Database(url)
+    migrate.upgrade(db)
+    yield db
+    db.dispose()

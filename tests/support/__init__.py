@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: ports, bounded waits, real services and peers, shared data."""
