@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: (none)
-Create Date: 2026-11-22
+Create Date: (regenerated)
 """
 
 from alembic import op
