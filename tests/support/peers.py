@@ -29,7 +29,8 @@ __all__ = ["Orthanc", "dcmtk_env", "orthanc", "orthanc_binary", "require"]
 
 def require(tool: str) -> str:
     """Path of a peer program; fails (not skips) when missing: `make test` installs them."""
-    path = shutil.which(tool) or (f"/usr/sbin/{tool}" if Path(f"/usr/sbin/{tool}").exists() else None)
+    sbin = Path("/usr/sbin") / tool
+    path = shutil.which(tool) or (str(sbin) if sbin.exists() else None)
     if path is None:
         raise RuntimeError(
             f"{tool} is not installed; `make test` installs dcmtk, orthanc and dicom3tools "
