@@ -1,0 +1,254 @@
+"""Sending results to PACS: a queue of Transfer rows worked off with retries.
+
+Why a queue of rows: an output is "sent" only when a destination answered
+C-STORE with success, and a node that restarts must resume exactly the
+transfers that were not. Each (output, destination) pair is one Transfer row
+with its attempts, last DIMSE status, error and next attempt time; each
+outcome is also an audit event. A destination that is down is retried with
+exponential backoff up to a ceiling (``base * 2**attempts``, at most
+``ceiling``) and given up after ``max_attempts``; it never holds up the
+others, because each destination gets its own association in turn and its
+failure is recorded, not raised.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from node.config import NodeConfig
+from node.errors import InputError, TransferError
+from node.send.scu import Peer, associate, contexts_for, echo_peer, store
+from storage.audit import audit
+from storage.db import Database
+from storage.filestore import FileStore
+from storage.models import Destination, Output, Transfer, TransferState, utcnow
+
+__all__ = [
+    "RetryPolicy",
+    "SendReport",
+    "echo",
+    "peer_for",
+    "queue_outputs",
+    "send_due",
+]
+
+log = logging.getLogger(__name__)
+
+# DIMSE statuses a C-STORE SCP uses for "stored, with a warning" (PS3.4 B.2.3).
+_WARNING_STATUSES = {0xB000, 0xB006, 0xB007}
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    base_s: float = 30.0
+    ceiling_s: float = 3600.0
+    max_attempts: int = 20
+
+    def delay(self, attempts: int) -> timedelta:
+        """Wait before the next try after ``attempts`` failed ones."""
+        return timedelta(seconds=min(self.base_s * 2 ** max(attempts - 1, 0), self.ceiling_s))
+
+
+@dataclass
+class SendReport:
+    sent: int = 0
+    retrying: int = 0
+    failed: int = 0
+    per_destination: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def _count(self, dest: str, what: str) -> None:
+        setattr(self, what, getattr(self, what) + 1)
+        d = self.per_destination.setdefault(dest, {"sent": 0, "retrying": 0, "failed": 0})
+        d[what] += 1
+
+
+def queue_outputs(session: Session, outputs: Sequence[Output],
+                  destination_names: Sequence[str]) -> list[Transfer]:
+    """A pending Transfer per (output, destination) whose kind that destination accepts.
+
+    Already-queued pairs are returned as they are (queuing is idempotent).
+    InputError for a destination name that is unknown or disabled.
+    """
+    dests = []
+    for name in destination_names:
+        row = session.scalars(select(Destination).where(Destination.name == name)).one_or_none()
+        if row is None or not row.enabled:
+            raise InputError(f"unknown or disabled destination {name!r}")
+        dests.append(row)
+    transfers = []
+    for dest in dests:
+        accepts = {str(k).upper() for k in dest.accepts}
+        for out in outputs:
+            if out.kind.upper() not in accepts:
+                continue
+            existing = session.scalars(select(Transfer).where(
+                Transfer.output_id == out.id, Transfer.destination_id == dest.id)).one_or_none()
+            if existing is not None:
+                transfers.append(existing)
+                continue
+            t = Transfer(output_id=out.id, destination_id=dest.id, state=TransferState.PENDING,
+                         next_attempt_at=utcnow())
+            session.add(t)
+            transfers.append(t)
+    session.flush()
+    return transfers
+
+
+def peer_for(dest: Destination, config: NodeConfig) -> Peer:
+    """The destination with the node's AE title, timeouts and TLS files filled in."""
+    d, tls = config.dicom, config.dicom.tls
+    return Peer(
+        name=dest.name, ae_title=dest.ae_title, host=dest.host, port=dest.port,
+        calling_ae_title=dest.calling_ae_title or d.ae_title, tls=dest.tls,
+        cert_file=tls.cert_file, key_file=tls.key_file, ca_file=tls.ca_file,
+        acse_timeout_s=d.acse_timeout_s, dimse_timeout_s=d.dimse_timeout_s,
+        network_timeout_s=d.network_timeout_s,
+    )
+
+
+def echo(destination: Destination, config: NodeConfig | None = None) -> bool:
+    """C-ECHO one destination: True on success; TransferError when it cannot be reached."""
+    status = echo_peer(peer_for(destination, config or NodeConfig()))
+    if status != 0:
+        raise TransferError(f"{destination.name}: C-ECHO status 0x{status:04X}")
+    return True
+
+
+@dataclass
+class _Item:
+    transfer_id: int
+    output_id: int
+    sop_instance_uid: str
+    series_uid: str
+    study_uid: str | None
+    job_id: int
+    path: str
+    attempts: int
+
+
+def _due(db: Database, now: datetime) -> dict[int, list[_Item]]:
+    with db.session() as s:
+        rows = s.execute(
+            select(Transfer, Output)
+            .join(Output, Transfer.output_id == Output.id)
+            .join(Destination, Transfer.destination_id == Destination.id)
+            .where(Transfer.state == TransferState.PENDING, Transfer.next_attempt_at <= now,
+                   Destination.enabled.is_(True))
+            .order_by(Transfer.destination_id, Transfer.id)
+        ).all()
+        grouped: dict[int, list[_Item]] = defaultdict(list)
+        for t, out in rows:
+            study = out.job.series.study.study_instance_uid if out.job.series else None
+            grouped[t.destination_id].append(_Item(
+                t.id, out.id, out.sop_instance_uid, out.series_instance_uid, study,
+                out.job_id, out.path, t.attempts))
+        return dict(grouped)
+
+
+def _record(db: Database, item: _Item, dest_name: str, *, ok: bool, status: int | None,
+            error: str | None, now: datetime, policy: RetryPolicy, report: SendReport,
+            warning: bool = False) -> None:
+    with db.session() as s:
+        t = s.get(Transfer, item.transfer_id)
+        if t is None:  # removed meanwhile (destination deleted)
+            return
+        t.attempts += 1
+        t.last_status = status
+        ids: dict[str, Any] = {"study_uid": item.study_uid, "series_uid": item.series_uid,
+               "sop_instance_uid": item.sop_instance_uid, "job_id": item.job_id}
+        if ok:
+            t.state = TransferState.SENT
+            t.sent_at = now
+            t.error = None
+            audit(s, "transfer.sent", outcome="warning" if warning else "success",
+                  actor="sender", destination=dest_name, attempt=t.attempts,
+                  status=status, transfer_id=t.id, **ids)
+            report._count(dest_name, "sent")
+            return
+        t.error = error
+        if t.attempts >= policy.max_attempts:
+            t.state = TransferState.FAILED
+            audit(s, "transfer.failed", outcome="failure", actor="sender",
+                  destination=dest_name, attempt=t.attempts, status=status, error=error,
+                  transfer_id=t.id, **ids)
+            report._count(dest_name, "failed")
+        else:
+            t.next_attempt_at = now + policy.delay(t.attempts)
+            audit(s, "transfer.retry", outcome="failure", actor="sender",
+                  destination=dest_name, attempt=t.attempts, status=status, error=error,
+                  next_attempt_at=t.next_attempt_at.isoformat(), transfer_id=t.id, **ids)
+            report._count(dest_name, "retrying")
+    log.info("transfer %s", "sent" if ok else "not sent", extra={
+        "transfer_id": item.transfer_id, "destination": dest_name, "status": status,
+        "sop_instance_uid": item.sop_instance_uid})
+
+
+def _send_destination(db: Database, store_: FileStore, dest: Destination, peer: Peer,
+                      items: list[_Item], now: datetime, policy: RetryPolicy,
+                      report: SendReport) -> None:
+    loaded: list[tuple[_Item, pydicom.Dataset]] = []
+    for item in items:
+        try:
+            ds: pydicom.Dataset = pydicom.dcmread(store_.result_path(item.path))
+        except (OSError, InvalidDicomError) as exc:
+            _record(db, item, dest.name, ok=False, status=None, now=now, policy=policy,
+                    report=report, error=f"cannot read result file: {exc}")
+            continue
+        loaded.append((item, ds))
+    if not loaded:
+        return
+    recorded: set[int] = set()
+
+    def record(item: _Item, **kw: Any) -> None:
+        recorded.add(item.transfer_id)
+        _record(db, item, dest.name, now=now, policy=policy, report=report, **kw)
+
+    try:
+        with associate(peer, contexts_for([ds for _, ds in loaded])) as assoc:
+            for item, ds in loaded:
+                if not assoc.is_established:
+                    raise TransferError(f"{dest.name}: association lost")
+                status = store(assoc, ds)
+                ok = status is not None and (status == 0 or status in _WARNING_STATUSES)
+                record(item, ok=ok, status=status, warning=status in _WARNING_STATUSES,
+                       error=None if ok else (
+                           "no C-STORE response" if status is None
+                           else f"C-STORE status 0x{status:04X}"))
+    except TransferError as exc:
+        for item, _ in loaded:
+            if item.transfer_id not in recorded:
+                record(item, ok=False, status=None, error=str(exc))
+
+
+def send_due(db: Database, store: FileStore, config: NodeConfig, *,
+             now: datetime | None = None, policy: RetryPolicy | None = None) -> SendReport:
+    """Send every due transfer, one association per destination; returns what happened.
+
+    Never raises for a peer's failure: each is recorded on its Transfer rows
+    and in the audit log, and the next destination is tried regardless.
+    """
+    now = now or utcnow()
+    policy = policy or RetryPolicy()
+    report = SendReport()
+    for dest_id, items in _due(db, now).items():
+        with db.session() as s:
+            dest = s.get(Destination, dest_id)
+            if dest is None:
+                continue
+            s.expunge(dest)
+        try:
+            peer = peer_for(dest, config)
+            _send_destination(db, store, dest, peer, items, now, policy, report)
+        except Exception:  # one destination's bug must not stop the others
+            log.exception("sending to destination failed", extra={"destination": dest.name})
+    return report

@@ -1,0 +1,167 @@
+"""What every writer shares: equipment identity, series naming, segment numbering, outlines.
+
+Why shared: the SR refers to SEG segments by number and the GSPS and the
+Secondary Capture draw the same outlines, so numbering and contour tracing
+must come from one function, not four copies that drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import numpy.typing as npt
+import pydicom
+from highdicom import UID
+from scipy import ndimage
+from skimage import measure
+
+from node import __version__
+from node.errors import InputError
+from pipelines.results import AlgorithmInfo, AnalysisResult
+
+__all__ = [
+    "NODE_VERSION",
+    "SegmentPlan",
+    "check_sources",
+    "contours",
+    "edge_mask",
+    "fill_tracking_uids",
+    "plan_segments",
+    "product_name",
+    "series_description",
+    "stamp",
+    "to_display",
+]
+
+PRODUCT = "dicom-ai-node"
+NODE_VERSION: str = __version__
+
+
+def product_name(algorithm: AlgorithmInfo) -> str:
+    return f"{PRODUCT} {algorithm.name}"
+
+
+def series_description(algorithm: AlgorithmInfo, kind: str) -> str:
+    """Names product, object kind and model version, cut to the 64 characters of LO."""
+    text = f"{algorithm.name} {kind} (model {algorithm.version}) research only"
+    return text[:64]
+
+
+def stamp(ds: pydicom.Dataset, algorithm: AlgorithmInfo, kind: str,
+          *, empty_laterality: bool = False) -> None:
+    """Series description and software versions, the same on every object we write.
+
+    ``empty_laterality``: General Series Laterality is Type 2C and dciodvfy
+    cannot evaluate its condition on a PR or SC; present and empty satisfies it.
+    """
+    ds.SeriesDescription = series_description(algorithm, kind)
+    ds.SoftwareVersions = [algorithm.version, NODE_VERSION]
+    if empty_laterality:
+        ds.Laterality = None
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentPlan:
+    """Segment number -> what it is; the SEG writes it and the SR refers to it."""
+
+    pancreas: int | None  # segment number of the pancreas, if written
+    lesions: dict[int, int]  # lesion index -> segment number
+
+
+def plan_segments(result: AnalysisResult) -> SegmentPlan:
+    """Pancreas first (when found and non-empty), then each non-empty lesion in order."""
+    number = 1
+    pancreas = None
+    if result.pancreas_mask is not None and result.pancreas_mask.any():
+        pancreas = number
+        number += 1
+    lesions: dict[int, int] = {}
+    for les in result.lesions:
+        if les.mask.any():
+            lesions[les.index] = number
+            number += 1
+    return SegmentPlan(pancreas, lesions)
+
+
+def fill_tracking_uids(result: AnalysisResult) -> AnalysisResult:
+    """A copy whose lesions all carry a tracking UID.
+
+    The SEG segment and the SR measurement group of one lesion must share
+    its tracking UID, so it is minted once, before any writer runs.
+    """
+    if all(les.tracking_uid for les in result.lesions):
+        return result
+    lesions = [les if les.tracking_uid else replace(les, tracking_uid=str(UID()))
+               for les in result.lesions]
+    return replace(result, lesions=lesions)
+
+
+def check_sources(result: AnalysisResult, sources: Sequence[pydicom.Dataset]) -> None:
+    """Refuse sources that are not the slices the masks were drawn on, in that order."""
+    uids = [str(ds.SOPInstanceUID) for ds in sources]
+    if uids != list(result.source_sop_instance_uids):
+        raise InputError(
+            "sources do not match result.source_sop_instance_uids "
+            f"({len(uids)} given, {len(result.source_sop_instance_uids)} expected, "
+            "or a different order)"
+        )
+    shape = result.shape
+    if shape is not None and shape[0] != len(uids):
+        raise InputError(f"masks have {shape[0]} slices but {len(uids)} sources were given")
+    if shape is not None:
+        rows, cols = int(sources[0].Rows), int(sources[0].Columns)
+        if (rows, cols) != shape[1:]:
+            raise InputError(f"masks are {shape[1:]} but the source images are {(rows, cols)}")
+
+
+def edge_mask(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    """The mask's own boundary pixels (inside the mask, touching the outside)."""
+    if not mask.any():
+        return np.zeros_like(mask, dtype=bool)
+    eroded = ndimage.binary_erosion(mask, border_value=0)
+    return np.asarray(mask & ~eroded, dtype=bool)
+
+
+def contours(mask: npt.NDArray[np.bool_]) -> list[npt.NDArray[np.float32]]:
+    """Closed outlines of a 2D mask as (N, 2) arrays of (column, row) in GSPS PIXEL units.
+
+    PS3.3 C.10.5.1.2: the top-left corner of the top-left pixel is 0\\0, so a
+    pixel centre (r, c) is (c + 0.5, r + 0.5). The mask is padded so that an
+    object touching the image border still gets a closed outline.
+    """
+    padded = np.pad(mask.astype(np.float32), 1)
+    out = []
+    for c in measure.find_contours(padded, 0.5):
+        if len(c) < 3:
+            continue
+        rows = np.clip(c[:, 0] - 1 + 0.5, 0, mask.shape[0])
+        cols = np.clip(c[:, 1] - 1 + 0.5, 0, mask.shape[1])
+        pts = np.stack([cols, rows], axis=1).astype(np.float32)
+        if not np.array_equal(pts[0], pts[-1]):
+            pts = np.vstack([pts, pts[:1]])
+        out.append(pts)
+    return out
+
+
+def to_display(ds: pydicom.Dataset, window: tuple[float, float] | None = None
+               ) -> npt.NDArray[np.uint8]:
+    """A source slice as 8-bit grey, windowed the way a reader would first see it.
+
+    Uses the modality LUT (HU for CT), then the given window, else the
+    source's first window, else the full range of the slice.
+    """
+    arr = pydicom.pixels.apply_modality_lut(ds.pixel_array, ds).astype(np.float32)
+    if window is None:
+        wc, ww = ds.get("WindowCenter"), ds.get("WindowWidth")
+        if wc is not None and ww is not None:
+            wc = float(wc[0] if isinstance(wc, pydicom.multival.MultiValue) else wc)
+            ww = float(ww[0] if isinstance(ww, pydicom.multival.MultiValue) else ww)
+            window = (wc, max(ww, 1.0))
+    if window is None:
+        lo, hi = float(arr.min()), float(arr.max())
+    else:
+        lo, hi = window[0] - window[1] / 2, window[0] + window[1] / 2
+    scaled = (arr - lo) / max(hi - lo, 1e-6)
+    return np.asarray(np.clip(scaled * 255.0, 0, 255).astype(np.uint8))
