@@ -272,6 +272,9 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    # Turnaround: last instance received -> results accepted by every destination.
+    delivered_at: Mapped[datetime | None]
+    turnaround_s: Mapped[float | None] = mapped_column(Float)
 
     series: Mapped[Series] = relationship(back_populates="jobs")
     findings: Mapped[list[Finding]] = relationship(back_populates="job")

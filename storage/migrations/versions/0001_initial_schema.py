@@ -151,6 +151,8 @@ def upgrade() -> None:
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('started_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('finished_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('delivered_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('turnaround_s', sa.Float(), nullable=True),
     sa.ForeignKeyConstraint(['rule_id'], ['routing_rules.id'], name=op.f('fk_jobs_rule_id_routing_rules'), ondelete='SET NULL'),
     sa.ForeignKeyConstraint(['series_id'], ['series.id'], name=op.f('fk_jobs_series_id_series'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_jobs')),

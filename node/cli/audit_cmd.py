@@ -1,0 +1,91 @@
+"""``ainode audit export``: the audit trail for review or a SIEM, as JSON lines or CSV.
+
+The audit table is where identities live (calling AE, OS user, host); this is
+the one command that prints them, to a file or stdout the admin chose.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import typer
+from sqlalchemy import select
+
+from node.cli.context import get
+from node.cli.output import to_jsonable
+from node.errors import InputError
+from storage.models import AuditEvent, utcnow
+
+__all__ = ["app", "parse_since"]
+
+app = typer.Typer(help="Audit trail (who did what, to which object, how it ended).",
+                  no_args_is_help=True)
+
+_AGO = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+FIELDS = ("id", "ts", "event", "outcome", "actor", "host", "study_uid", "series_uid",
+          "sop_instance_uid", "job_id", "details")
+
+
+def parse_since(text: str, *, now: datetime | None = None) -> datetime:
+    """``7d``, ``12h``, ``30m``, ``45s``, ``2w`` ago, or an ISO date/time (UTC when no zone)."""
+    now = now or utcnow()
+    m = _AGO.match(text)
+    if m:
+        return now - timedelta(seconds=float(m[1]) * _UNIT_S[m[2]])
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise InputError(f"cannot read time {text!r}: use e.g. 7d, 12h, 30m or "
+                         "2024-05-01T08:00") from None
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when
+
+
+def _rows(ctx: typer.Context, since: datetime, until: datetime | None,
+          event: str | None) -> Iterator[dict[str, Any]]:
+    q = select(AuditEvent).where(AuditEvent.ts >= since)
+    if until is not None:
+        q = q.where(AuditEvent.ts < until)
+    if event:
+        q = q.where(AuditEvent.event.like(event.replace("*", "%")))
+    with get(ctx).db.session() as s:
+        for row in s.scalars(q.order_by(AuditEvent.ts, AuditEvent.id)):
+            yield {f: to_jsonable(getattr(row, f)) for f in FIELDS}
+
+
+@app.command("export")
+def export(
+    ctx: typer.Context,
+    since: Annotated[str, typer.Option("--since", help="e.g. 7d, 24h, or an ISO time")] = "1d",
+    until: Annotated[str | None, typer.Option("--until", help="end (exclusive)")] = None,
+    fmt: Annotated[Literal["jsonl", "csv"], typer.Option("--format")] = "jsonl",
+    event: Annotated[str | None, typer.Option("--event", help="event name, * wildcards")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="default: stdout")] = None,
+) -> None:
+    """Export audit events since --since, oldest first."""
+    start = parse_since(since)
+    end = parse_since(until) if until else None
+    fh = output.open("w", encoding="utf-8", newline="") if output else sys.stdout
+    try:
+        count = 0
+        if fmt == "csv":
+            writer = csv.DictWriter(fh, fieldnames=list(FIELDS))
+            writer.writeheader()
+        for row in _rows(ctx, start, end, event):
+            if fmt == "csv":
+                writer.writerow({**row, "details": json.dumps(row["details"], sort_keys=True)})
+            else:
+                fh.write(json.dumps(row, sort_keys=True) + "\n")
+            count += 1
+    finally:
+        if output:
+            fh.close()
+    if output:
+        typer.echo(f"{count} audit events written to {output}", err=True)

@@ -1,0 +1,406 @@
+"""The node's periodic work as plain functions, and their registration with APScheduler.
+
+Each task reads its work from rows and commits a state change, so it can run
+in any order, on any interval, be interrupted at any point and run again:
+
+* ``close_series``   receiving -> complete once a series is quiet for the stable age
+* ``route_series``   complete -> routed: evaluate the rules, one Job per matched rule
+* ``dispatch_jobs``  requeue jobs whose worker died; run queued jobs when this process
+                     has an in-process worker (``ainode worker`` runs them otherwise)
+* ``send_results``   retry due transfers (node.send) and record per-job turnaround
+* ``clean_spool``    delete received files past retention, never with unfinished work
+
+Why plain functions taking a ``Services`` bundle: tests call them directly and
+deterministically (``now=``), and the scheduler only decides *when*. A series
+that arrived while the node was down is simply a row in ``receiving`` with an
+old ``last_received_at``: the first ``close_series`` after start-up completes it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, Protocol
+
+from sqlalchemy import exists, func, select
+from sqlalchemy.orm import Session, selectinload
+
+from node.config import NodeConfig
+from node.errors import ModelError, NodeError
+from node.routing import RuleSpec, evaluate_rule, referenced_keys, series_attributes
+from node.routing.rules import RuleEvaluation
+from pipelines import registry
+from storage import jobs as job_store
+from storage.audit import audit
+from storage.db import Database
+from storage.filestore import FileStore
+from storage.models import (
+    Instance,
+    Job,
+    JobState,
+    Output,
+    RoutingRule,
+    Series,
+    SeriesState,
+    Transfer,
+    TransferState,
+    utcnow,
+)
+from storage.rules import current_rules, rule_key, spec_of
+
+if TYPE_CHECKING:
+    from node.worker import Worker
+
+__all__ = [
+    "DEFAULT_INTERVALS",
+    "RoutingOutcome",
+    "Services",
+    "clean_spool",
+    "close_series",
+    "dispatch_jobs",
+    "evaluate_series",
+    "record_turnaround",
+    "register_tasks",
+    "registry_model_version",
+    "route_series",
+    "send_results",
+]
+
+log = logging.getLogger(__name__)
+
+# Seconds between runs of each task.
+DEFAULT_INTERVALS: dict[str, float] = {
+    "close_series": 2.0,
+    "route_series": 2.0,
+    "dispatch_jobs": 5.0,
+    "send_results": 5.0,
+    "clean_spool": 3600.0,
+}
+
+
+def registry_model_version(pipeline: str) -> str:
+    """The version of the loaded pipeline (its models stay loaded for the worker)."""
+    try:
+        return registry.get(pipeline).model_version()
+    except ModelError as exc:
+        # The job is still created; the worker records why it cannot run.
+        log.warning("pipeline unavailable at routing", extra={"pipeline": pipeline,
+                                                              "error": str(exc)})
+        return ""
+
+
+@dataclass
+class Services:
+    """What the periodic tasks need, passed in (the node's or a test's)."""
+
+    config: NodeConfig
+    db: Database
+    store: FileStore
+    model_version_of: Callable[[str], str] = registry_model_version
+    worker: Worker | None = None  # in-process job runner, if this process runs jobs
+    send_due: Callable[[Database, FileStore, NodeConfig], Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# -- completion --------------------------------------------------------------------------
+
+
+def close_series(services: Services, *, now: datetime | None = None) -> int:
+    """Complete quiet series (storage.series); returns how many were closed."""
+    from storage.series import close_stable_series
+
+    done = close_stable_series(services.db, services.config.series.stable_age_s,
+                               now or utcnow())
+    return len(done)
+
+
+# -- routing -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingOutcome:
+    series_uid: str
+    evaluations: tuple[RuleEvaluation, ...]
+    jobs_created: tuple[int, ...]
+    jobs_existing: tuple[int, ...]
+    deferred: bool = False  # a matched rule's own stable age has not passed yet
+
+
+def evaluate_series(session: Session, series: Series, specs: Sequence[RuleSpec],
+                    store: FileStore | None) -> list[RuleEvaluation]:
+    """Every rule against one stored series (also what `rules test --series` shows).
+
+    The stored routing attributes are used first; a keyword a rule needs that
+    the receiver did not keep is read from the header of one stored instance.
+    """
+    header = None
+    if store is not None:
+        inst = session.scalars(select(Instance).where(Instance.series_id == series.id)
+                               .order_by(Instance.instance_number, Instance.id).limit(1)).first()
+        header = None if inst is None else store.spool_path(inst.path)
+    attrs = series_attributes(
+        series.attributes or {},
+        calling_ae=series.calling_ae,
+        columns={"Modality": series.modality, "SeriesDescription": series.series_description,
+                 "BodyPartExamined": series.body_part, "SeriesNumber": series.series_number},
+        needed=referenced_keys(specs),
+        header_path=header,
+    )
+    return [evaluate_rule(spec, attrs) for spec in specs]
+
+
+def _load_rules(session: Session) -> list[tuple[RoutingRule, RuleSpec]]:
+    out = []
+    for row in current_rules(session):
+        try:
+            out.append((row, spec_of(row)))
+        except NodeError as exc:  # a row edited by hand into something invalid
+            log.error("stored rule is invalid; skipped", extra={"rule": rule_key(row),
+                                                                 "error": str(exc)})
+    return out
+
+
+def _route_one(session: Session, services: Services, series: Series,
+               rules: Sequence[tuple[RoutingRule, RuleSpec]], versions: dict[str, str],
+               now: datetime) -> RoutingOutcome:
+    evaluations = evaluate_series(session, series, [spec for _, spec in rules], services.store)
+    matched = [(row, spec) for (row, spec), ev in zip(rules, evaluations, strict=True)
+               if ev.matched]
+    quiet_s = (now - series.last_received_at).total_seconds()
+    default_age = services.config.series.stable_age_s
+    wait = max((spec.stable_age_s or default_age for _, spec in matched), default=0.0)
+    study_uid, series_uid = series.study.study_instance_uid, series.series_instance_uid
+    if matched and quiet_s < wait:
+        return RoutingOutcome(series.series_instance_uid, tuple(evaluations), (), (), True)
+    if not matched:
+        if series.state != SeriesState.COMPLETE:
+            # Only a rule's shorter stable age brought it here; the global one decides.
+            return RoutingOutcome(series.series_instance_uid, tuple(evaluations), (), (), True)
+        series.state = SeriesState.ROUTED
+        audit(session, "series.unrouted", actor="scheduler", study_uid=study_uid,
+              series_uid=series_uid,
+              rules={ev.rule: ev.explain() for ev in evaluations})
+        log.info("series matched no rule", extra={"series_uid": series.series_instance_uid})
+        return RoutingOutcome(series.series_instance_uid, tuple(evaluations), (), ())
+    created: list[int] = []
+    existing: list[int] = []
+    for row, spec in matched:
+        req = job_store.JobRequest(
+            pipeline=spec.pipeline,
+            model_version=_version(versions, services, spec.pipeline),
+            rule=row,
+            priority=spec.priority,
+            shadow=spec.shadow,
+        )
+        job, new = job_store.ensure_job(session, series, req)
+        (created if new else existing).append(job.id)
+    if series.completed_at is None:
+        series.completed_at = now
+    series.state = SeriesState.ROUTED
+    audit(session, "series.routed", actor="scheduler", study_uid=study_uid,
+          series_uid=series_uid,
+          rules=[rule_key(r) for r, _ in matched], jobs_created=created,
+          jobs_existing=existing)
+    log.info("series routed", extra={"series_uid": series.series_instance_uid,
+                                     "jobs_created": created, "jobs_existing": existing})
+    return RoutingOutcome(series.series_instance_uid, tuple(evaluations), tuple(created),
+                          tuple(existing))
+
+
+def _version(versions: dict[str, str], services: Services, pipeline: str) -> str:
+    if pipeline not in versions:  # a rule added between our two reads: rare, so inline
+        versions[pipeline] = services.model_version_of(pipeline)
+    return versions[pipeline]
+
+
+def route_series(services: Services, *, now: datetime | None = None,
+                 limit: int = 200) -> list[RoutingOutcome]:
+    """Route completed series: one Job per matched rule, none twice for the same work.
+
+    A rule with its own stable age shorter than the global one also routes a
+    series still receiving once it has been quiet that long; a longer one
+    holds the series back until it has.
+    """
+    now = now or utcnow()
+    outcomes: list[RoutingOutcome] = []
+    # Model versions first, outside the write transaction: building a pipeline
+    # may load a model, and SQLite's write lock must not wait on that.
+    with services.db.session() as session:
+        pipelines = {spec.pipeline for _, spec in _load_rules(session) if spec.enabled}
+    versions = {p: services.model_version_of(p) for p in sorted(pipelines)}
+    with job_store.write_session(services.db) as session:
+        rules = _load_rules(session)
+        enabled = [(r, s) for r, s in rules if s.enabled]
+        ages = [s.stable_age_s for _, s in enabled if s.stable_age_s is not None]
+        shortest = min(ages, default=None)
+        conds = [Series.state == SeriesState.COMPLETE]
+        if shortest is not None and shortest < services.config.series.stable_age_s:
+            conds.append((Series.state == SeriesState.RECEIVING)
+                         & (Series.last_received_at <= now - timedelta(seconds=shortest)))
+        q = (select(Series).options(selectinload(Series.study))
+             .where(conds[0] if len(conds) == 1 else conds[0] | conds[1])
+             .order_by(Series.last_received_at, Series.id).limit(limit))
+        for series in session.scalars(q):
+            outcomes.append(_route_one(session, services, series, rules, versions, now))
+    return outcomes
+
+
+# -- jobs -----------------------------------------------------------------------------------
+
+
+def dispatch_jobs(services: Services) -> int:
+    """Requeue orphaned jobs; with an in-process worker, run what is queued.
+
+    Returns the number of jobs requeued plus the number run here.
+    """
+    requeued = job_store.requeue_expired(services.db)
+    ran = 0
+    if services.worker is not None:
+        ran = services.worker.run_available()
+    return len(requeued) + ran
+
+
+# -- sending and turnaround ----------------------------------------------------------------
+
+
+def _default_send_due() -> Callable[[Database, FileStore, NodeConfig], Any] | None:
+    try:
+        module = importlib.import_module("node.send")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("node.send",):
+            raise
+        return None
+    fn = getattr(module, "send_due", None)
+    return fn if callable(fn) else None
+
+
+def send_results(services: Services, *, now: datetime | None = None) -> int:
+    """Retry due transfers, then record turnaround of jobs now fully delivered."""
+    send_due = services.send_due or _default_send_due()
+    if send_due is not None:
+        send_due(services.db, services.store, services.config)
+    return record_turnaround(services.db, now=now)
+
+
+def record_turnaround(db: Database, *, now: datetime | None = None) -> int:
+    """For done jobs whose every transfer was accepted: delivered_at and turnaround_s.
+
+    Turnaround runs from the series' last received instance to the last
+    destination's acceptance. A job with nothing to send (shadow, no
+    destination) is delivered when it finished.
+    """
+    now = now or utcnow()
+    count = 0
+    with job_store.write_session(db) as session:
+        q = (select(Job).options(selectinload(Job.series))
+             .where(Job.state == JobState.DONE, Job.delivered_at.is_(None)))
+        for job in session.scalars(q):
+            rows = session.execute(
+                select(Transfer.state, Transfer.sent_at).join(Output)
+                .where(Output.job_id == job.id)).all()
+            if any(state != TransferState.SENT for state, _ in rows):
+                continue  # pending or given up: not delivered (yet)
+            sent = [at for _, at in rows if at is not None]
+            delivered = max(sent) if sent else (job.finished_at or now)
+            job.delivered_at = delivered
+            job.turnaround_s = max(0.0, (delivered - job.series.last_received_at)
+                                   .total_seconds())
+            audit(session, "job.delivered", actor="scheduler", job_id=job.id,
+                  series_uid=job.series.series_instance_uid, turnaround_s=job.turnaround_s,
+                  transfers=len(rows))
+            count += 1
+    return count
+
+
+# -- retention -------------------------------------------------------------------------------
+
+
+def clean_spool(services: Services, *, now: datetime | None = None) -> list[str]:
+    """Delete the received files of routed series older than the retention period.
+
+    Never a series with unfinished work: not yet routed, a job queued or
+    running, or an output still waiting to be sent. Rows stay (the audit
+    trail and results refer to them); only instance files and rows go.
+    Returns the series UIDs cleaned.
+    """
+    now = now or utcnow()
+    cutoff = now - timedelta(days=services.config.storage.retention_days)
+    unfinished_job = exists().where(Job.series_id == Series.id,
+                                    Job.state.in_(job_store.ACTIVE_STATES))
+    pending_send = exists().where(
+        Job.series_id == Series.id, Output.job_id == Job.id, Transfer.output_id == Output.id,
+        Transfer.state == TransferState.PENDING)
+    has_files = exists().where(Instance.series_id == Series.id)
+    cleaned: list[str] = []
+    with job_store.write_session(services.db) as session:
+        q = (select(Series).options(selectinload(Series.study))
+             .where(Series.state == SeriesState.ROUTED, Series.last_received_at < cutoff,
+                    ~unfinished_job, ~pending_send, has_files))
+        for series in session.scalars(q):
+            study_uid = series.study.study_instance_uid
+            n = session.scalar(select(func.count()).select_from(Instance)
+                               .where(Instance.series_id == series.id)) or 0
+            for inst in session.scalars(select(Instance).where(Instance.series_id == series.id)):
+                session.delete(inst)
+            session.flush()
+            services.store.remove_series(study_uid, series.series_instance_uid)
+            audit(session, "series.purged", actor="scheduler", study_uid=study_uid,
+                  series_uid=series.series_instance_uid, instances=n,
+                  retention_days=services.config.storage.retention_days)
+            cleaned.append(series.series_instance_uid)
+    for uid in cleaned:
+        log.info("series purged from spool", extra={"series_uid": uid})
+    return cleaned
+
+
+# -- scheduler --------------------------------------------------------------------------------
+
+
+class _Scheduler(Protocol):
+    def add_job(self, func: Callable[..., Any], trigger: str, **kwargs: Any) -> Any: ...
+
+
+def _guarded(name: str, task: Callable[[Services], Any], services: Services) -> Callable[[], None]:
+    def run() -> None:
+        # A failing task is logged and retried on its next tick; it never stops the scheduler.
+        try:
+            task(services)
+        except NodeError as exc:
+            log.error("periodic task failed", extra={"task": name, "error": str(exc)})
+        except Exception:
+            log.exception("periodic task crashed", extra={"task": name})
+
+    run.__name__ = f"ainode_{name}"
+    return run
+
+
+def register_tasks(scheduler: _Scheduler, services: Services,
+                   intervals: dict[str, float] | None = None) -> list[str]:
+    """Add the periodic tasks to an APScheduler (3.x) scheduler; returns their job ids.
+
+    ``max_instances=1`` and ``coalesce`` keep a slow run from piling up behind
+    itself. An interval of 0 leaves that task out (e.g. ``dispatch_jobs`` when
+    only separate ``ainode worker`` processes run jobs — it still requeues).
+    """
+    tasks: dict[str, Callable[[Services], Any]] = {
+        "close_series": close_series,
+        "route_series": route_series,
+        "dispatch_jobs": dispatch_jobs,
+        "send_results": send_results,
+        "clean_spool": clean_spool,
+    }
+    chosen = {**DEFAULT_INTERVALS, **(intervals or {})}
+    ids = []
+    for name, task in tasks.items():
+        seconds = chosen.get(name, 0)
+        if not seconds:
+            continue
+        job_id = f"ainode.{name}"
+        scheduler.add_job(_guarded(name, task, services), "interval", seconds=seconds,
+                          id=job_id, name=job_id, max_instances=1, coalesce=True,
+                          replace_existing=True)
+        ids.append(job_id)
+    return ids

@@ -1,0 +1,115 @@
+"""The attribute view a rule is evaluated against: keyword -> plain Python value.
+
+Why a plain mapping: the same rule is evaluated on the ``Series.attributes``
+JSON the receiver stored, on a header read from the spool when a rule asks for
+a keyword the receiver did not keep, and on a folder of files for
+``ainode rules test --path``; all three become the same dict of str, float,
+int and lists of those.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+from pydicom.valuerep import PersonName
+
+from node.errors import InputError
+from node.routing.conditions import CALLING_AE
+
+__all__ = ["attributes_from_dataset", "read_header", "series_attributes", "series_in_folder"]
+
+log = logging.getLogger(__name__)
+
+# Read from headers when present: what routing rules typically look at.
+_COMMON = (
+    "Modality", "BodyPartExamined", "SeriesDescription", "ProtocolName", "ContrastBolusAgent",
+    "SliceThickness", "ImageType", "SOPClassUID", "Manufacturer", "StudyDescription",
+    "SeriesNumber", "Rows", "Columns", "PixelSpacing", "ConvolutionKernel", "KVP",
+    "ScanningSequence", "SequenceName", "MagneticFieldStrength", "StationName",
+)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, MultiValue | list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, PersonName):
+        return str(value)
+    if isinstance(value, bool | str):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, bytes):
+        return None  # binary values are not routable
+    return str(value)
+
+
+def attributes_from_dataset(ds: Dataset, keywords: Collection[str] = ()) -> dict[str, Any]:
+    """The routable attributes of ``ds``: the common set plus ``keywords``."""
+    out: dict[str, Any] = {}
+    for kw in (*_COMMON, *keywords):
+        if kw == CALLING_AE or kw in out:
+            continue
+        elem = ds.data_element(kw) if kw in ds else None
+        if elem is None or elem.VR == "SQ":
+            continue
+        value = _plain(elem.value)
+        if value is not None:
+            out[kw] = value
+    return out
+
+
+def read_header(path: Path) -> Dataset:
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except (InvalidDicomError, OSError, ValueError) as exc:
+        raise InputError(f"cannot read DICOM header of {path}: {exc}") from exc
+
+
+def series_attributes(
+    stored: Mapping[str, Any],
+    *,
+    calling_ae: str | None,
+    columns: Mapping[str, Any],
+    needed: Collection[str] = (),
+    header_path: Path | None = None,
+) -> dict[str, Any]:
+    """Merge what the receiver stored with a header read for keywords it did not keep."""
+    attrs: dict[str, Any] = {k: v for k, v in columns.items() if v not in (None, "")}
+    attrs.update(stored)
+    if calling_ae:
+        attrs[CALLING_AE] = calling_ae
+    missing = [k for k in needed if k not in attrs and k != CALLING_AE]
+    if missing and header_path is not None:
+        try:
+            attrs = {**attributes_from_dataset(read_header(header_path), missing), **attrs}
+        except InputError as exc:
+            log.warning("cannot read a header for routing: %s", exc)
+    return attrs
+
+
+def series_in_folder(folder: Path) -> dict[str, list[Path]]:
+    """Group the DICOM files under ``folder`` by SeriesInstanceUID (headers only)."""
+    if not folder.is_dir():
+        raise InputError(f"{folder} is not a folder")
+    groups: dict[str, list[Path]] = {}
+    files: Iterable[Path] = sorted(p for p in folder.rglob("*") if p.is_file())
+    for path in files:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True,
+                                 specific_tags=["SeriesInstanceUID"])
+        except (InvalidDicomError, OSError, ValueError):
+            continue
+        uid = str(ds.get("SeriesInstanceUID", "") or "") or "(no SeriesInstanceUID)"
+        groups.setdefault(uid, []).append(path)
+    if not groups:
+        raise InputError(f"no DICOM files found under {folder}")
+    return groups

@@ -1,0 +1,235 @@
+"""The periodic tasks on real databases and files, and their wiring into APScheduler."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy import func, select
+
+from node.config import NodeConfig
+from node.orchestration import (
+    Services,
+    clean_spool,
+    close_series,
+    register_tasks,
+    route_series,
+)
+from node.routing import RuleSpec
+from node.worker import Worker
+from storage import jobs as job_store
+from storage import rules as rule_store
+from storage.db import Database
+from storage.filestore import FileStore
+from storage.models import (
+    AuditEvent,
+    Destination,
+    Instance,
+    Job,
+    JobState,
+    Output,
+    Series,
+    SeriesState,
+    Study,
+    Transfer,
+    utcnow,
+)
+from tests.support.data import dicom_series_dir
+from tests.support.net import wait_for
+from tests.test_worker import spool_series
+
+ROOT = "1.2.826.0.1.3680043.10.998"
+
+
+def services(db: Database, store: FileStore, retention_days: float = 30.0) -> Services:
+    config = NodeConfig(storage={"data_dir": store.data_dir, "min_free_mb": 0,
+                                 "retention_days": retention_days},
+                        series={"stable_age_s": 10})
+    return Services(config=config, db=db, store=store, model_version_of=lambda p: f"{p}-v1")
+
+
+def add_rule(db: Database, *when: str, name: str = "abdomen-ct", pipeline: str = "pancreas-ct",
+             **kw: Any) -> None:
+    with db.session() as s:
+        rule_store.add_rule(s, RuleSpec.build(name, pipeline=pipeline, when=when, **kw),
+                            actor="test", pipelines=[pipeline])
+
+
+def add_series(db: Database, n: int, *, state: SeriesState = SeriesState.COMPLETE,
+               ago_s: float = 60.0, **attrs: Any) -> str:
+    uid = f"{ROOT}.2.{n}"
+    with db.session() as s:
+        study = s.scalars(select(Study)).first() or Study(study_instance_uid=f"{ROOT}.1")
+        when = utcnow() - timedelta(seconds=ago_s)
+        s.add(Series(series_instance_uid=uid, study=study, modality=attrs.pop("Modality"),
+                     series_description=attrs.pop("SeriesDescription", None), state=state,
+                     last_received_at=when, first_received_at=when, attributes=attrs))
+    return uid
+
+
+def jobs_of(db: Database, uid: str) -> list[Job]:
+    with db.session() as s:
+        return list(s.scalars(select(Job).join(Series).where(Series.series_instance_uid == uid)))
+
+
+def state_of(db: Database, uid: str) -> SeriesState:
+    with db.session() as s:
+        return s.scalars(select(Series.state).where(Series.series_instance_uid == uid)).one()
+
+
+def events(db: Database, uid: str) -> list[str]:
+    with db.session() as s:
+        return list(s.scalars(select(AuditEvent.event).where(AuditEvent.series_uid == uid)
+                              .order_by(AuditEvent.id)))
+
+
+def test_routing_creates_one_job_per_matched_rule_and_records_unmatched(
+        any_db: Database, filestore: FileStore) -> None:
+    svc = services(any_db, filestore)
+    add_rule(any_db, "Modality=CT", "SeriesDescription~abd|portal", "SliceThickness<=3",
+             priority=10)
+    add_rule(any_db, "Modality=CT", name="ct-shadow", shadow=True)
+    ct = add_series(any_db, 1, Modality="CT", SeriesDescription="Abdomen portal",
+                    SliceThickness=2.0)
+    mr = add_series(any_db, 2, Modality="MR", SeriesDescription="Head T1")
+    outcomes = {o.series_uid: o for o in route_series(svc)}
+    assert len(outcomes[ct].jobs_created) == 2 and outcomes[mr].jobs_created == ()
+    jobs = sorted(jobs_of(any_db, ct), key=lambda j: -j.priority)
+    assert [(j.rule_key, j.pipeline, j.model_version, j.priority, j.shadow) for j in jobs] == [
+        ("abdomen-ct@v1", "pancreas-ct", "pancreas-ct-v1", 10, False),
+        ("ct-shadow@v1", "pancreas-ct", "pancreas-ct-v1", 0, True)]
+    assert state_of(any_db, ct) == state_of(any_db, mr) == SeriesState.ROUTED
+    # the unmatched series is recorded with the reason, and not processed
+    assert jobs_of(any_db, mr) == []
+    with any_db.session() as s:
+        ev = s.scalars(select(AuditEvent).where(AuditEvent.event == "series.unrouted")).one()
+    assert ev.series_uid == mr
+    assert ev.details["rules"]["abdomen-ct"].startswith("Modality=CT: 'MR' does not equal")
+    assert route_series(svc) == []  # nothing left to route
+
+    # The same study sent again: ingest reopens the series, it completes again.
+    with any_db.session() as s:
+        s.scalars(select(Series).where(Series.series_instance_uid == ct)).one().state = \
+            SeriesState.COMPLETE
+    (again,) = route_series(svc)
+    assert again.jobs_created == () and len(again.jobs_existing) == 2
+    assert len(jobs_of(any_db, ct)) == 2
+    assert events(any_db, ct) == ["job.created", "job.created", "series.routed", "series.routed"]
+
+
+def test_per_rule_stable_age(sqlite_db: Database, filestore: FileStore) -> None:
+    svc = services(sqlite_db, filestore)  # global stable age 10 s
+    add_rule(sqlite_db, "Modality=CT", name="slow", stable_age_s=600)
+    add_rule(sqlite_db, "Modality=MR", name="fast", pipeline="pancreas-mr", stable_age_s=2)
+    ct = add_series(sqlite_db, 1, Modality="CT", ago_s=60)
+    mr = add_series(sqlite_db, 2, Modality="MR", state=SeriesState.RECEIVING, ago_s=5)
+    other = add_series(sqlite_db, 3, Modality="US", state=SeriesState.RECEIVING, ago_s=5)
+    outcomes = {o.series_uid: o for o in route_series(svc)}
+    assert outcomes[ct].deferred and state_of(sqlite_db, ct) == SeriesState.COMPLETE
+    assert len(outcomes[mr].jobs_created) == 1 and state_of(sqlite_db, mr) == SeriesState.ROUTED
+    # a receiving series no rule wants waits for the global stable age
+    assert state_of(sqlite_db, other) == SeriesState.RECEIVING and jobs_of(sqlite_db, other) == []
+    later = {o.series_uid: o for o in route_series(svc, now=utcnow() + timedelta(seconds=600))}
+    assert len(later[ct].jobs_created) == 1 and state_of(sqlite_db, ct) == SeriesState.ROUTED
+
+
+def test_a_keyword_not_stored_is_read_from_the_spooled_header(
+        sqlite_db: Database, filestore: FileStore) -> None:
+    svc = services(sqlite_db, filestore)
+    add_rule(sqlite_db, "Modality=CT", "ContrastBolusAgent=applied", "KVP>=100")
+    uid = add_series(sqlite_db, 1, Modality="CT")  # no ContrastBolusAgent/KVP stored
+    src = sorted(dicom_series_dir("ct_abdomen_siemens").glob("*.dcm"))[0]
+    sop = str(pydicom.dcmread(src, stop_before_pixels=True).file_meta.MediaStorageSOPInstanceUID)
+    stored = filestore.write_instance(f"{ROOT}.1", uid, sop, [src.read_bytes()])
+    with sqlite_db.session() as s:
+        series = s.scalars(select(Series).where(Series.series_instance_uid == uid)).one()
+        s.add(Instance(sop_instance_uid=sop, series=series,
+                       sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                       transfer_syntax_uid="1.2.840.10008.1.2.4.90", path=stored.relpath,
+                       size_bytes=stored.size, sha256=stored.sha256))
+    (outcome,) = route_series(svc)
+    assert len(outcome.jobs_created) == 1, [e.explain() for e in outcome.evaluations]
+
+
+def test_series_received_while_down_is_completed_and_routed(
+        sqlite_db: Database, filestore: FileStore) -> None:
+    svc = services(sqlite_db, filestore)
+    add_rule(sqlite_db, "Modality=CT")
+    uid = add_series(sqlite_db, 1, Modality="CT", state=SeriesState.RECEIVING, ago_s=3600)
+    assert close_series(svc) == 1
+    (outcome,) = route_series(svc)
+    assert len(outcome.jobs_created) == 1
+    assert events(sqlite_db, uid) == ["series.completed", "job.created", "series.routed"]
+
+
+def test_spool_retention_never_deletes_unfinished_work(
+        sqlite_db: Database, filestore: FileStore) -> None:
+    svc = services(sqlite_db, filestore, retention_days=1)
+    old = 3 * 86400
+    uids = {name: add_series(sqlite_db, i, Modality="CT", state=st, ago_s=age)
+            for i, (name, st, age) in enumerate([
+                ("done", SeriesState.ROUTED, old), ("queued", SeriesState.ROUTED, old),
+                ("sending", SeriesState.ROUTED, old), ("unrouted", SeriesState.COMPLETE, old),
+                ("recent", SeriesState.ROUTED, 3600)])}
+    with sqlite_db.session() as s:
+        dest = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=104)
+        for name, uid in uids.items():
+            series = s.scalars(select(Series).where(Series.series_instance_uid == uid)).one()
+            sop = f"{uid}.1"
+            stored = filestore.write_instance(f"{ROOT}.1", uid, sop, [b"x" * 10])
+            s.add(Instance(sop_instance_uid=sop, series=series, sop_class_uid="1.2",
+                           transfer_syntax_uid="1.2.840.10008.1.2.1", path=stored.relpath,
+                           size_bytes=10, sha256=stored.sha256))
+            if name in ("done", "queued", "sending"):
+                state = JobState.QUEUED if name == "queued" else JobState.DONE
+                job = Job(series=series, rule_key=name, pipeline="pancreas-ct", state=state)
+                s.add(job)
+                if name == "sending":
+                    out = Output(job=job, kind="SR", sop_class_uid="1.2", path="x",
+                                 sop_instance_uid=f"{uid}.9", series_instance_uid=f"{uid}.8")
+                    s.add(Transfer(output=out, destination=dest))
+    assert clean_spool(svc) == [uids["done"]]
+    assert not (filestore.spool / f"{ROOT}.1" / uids["done"]).exists()
+    for name in ("queued", "sending", "unrouted", "recent"):
+        assert (filestore.spool / f"{ROOT}.1" / uids[name] / f"{uids[name]}.1.dcm").exists()
+    with sqlite_db.session() as s:
+        assert s.scalar(select(func.count()).select_from(Instance)) == 4
+    assert events(sqlite_db, uids["done"]) == ["series.purged"]
+    assert clean_spool(svc) == []
+
+
+@pytest.mark.slow
+def test_scheduler_drives_a_series_from_arrival_to_done(
+        sqlite_db: Database, filestore: FileStore, tmp_path: Path) -> None:
+    """APScheduler runs the registered tasks: close -> route -> dispatch (in-process worker)
+    -> turnaround. The model is the test threshold pipeline (see tests/test_worker.py)."""
+    svc = services(sqlite_db, filestore)
+    svc.model_version_of = lambda p: "threshold-1"
+    add_rule(sqlite_db, "Modality=CT", name="phantom", pipeline="test-threshold", shadow=True)
+    series_id = spool_series(sqlite_db, filestore, state="receiving", received_ago_s=3600)
+    svc.worker = Worker(sqlite_db, filestore, svc.config, lease_s=30)
+    scheduler = BackgroundScheduler(timezone="UTC")
+    ids = register_tasks(scheduler, svc, {k: 0.2 for k in (
+        "close_series", "route_series", "dispatch_jobs", "send_results", "clean_spool")})
+    assert len(ids) == 5
+    scheduler.start()
+    try:
+        def delivered() -> Job | None:
+            with sqlite_db.session() as s:
+                job = s.scalars(select(Job).where(Job.series_id == series_id)).first()
+                return job if job is not None and job.turnaround_s is not None else None
+
+        job = wait_for(delivered, timeout=120, what="job done and delivered")
+    finally:
+        scheduler.shutdown(wait=True)
+    assert job.state == JobState.DONE and job.turnaround_s is not None
+    assert job.turnaround_s >= 3600  # measured from the last instance received
+    with sqlite_db.session() as s:
+        uid = s.get_one(Series, series_id).series_instance_uid
+        assert s.scalar(select(func.count()).select_from(Job)) == 1
+    assert events(sqlite_db, uid)[:3] == ["series.completed", "job.created", "series.routed"]
+    assert job_store.requeue_expired(sqlite_db) == []

@@ -1,0 +1,184 @@
+"""The condition grammar and rule evaluation: pure functions, parametrized."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pydicom
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from node.errors import InputError
+from node.routing import (
+    Condition,
+    RuleSpec,
+    attributes_from_dataset,
+    evaluate_rule,
+    parse_condition,
+)
+from node.routing.conditions import evaluate
+from tests.support.data import dicom_series_dir
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "op", "value"),
+    [
+        ("Modality=CT", "Modality", "=", "CT"),
+        ("Modality!=SR", "Modality", "!=", "SR"),
+        ("SeriesDescription~abd|pancrea|portal", "SeriesDescription", "~", "abd|pancrea|portal"),
+        ("SliceThickness<3", "SliceThickness", "<", 3.0),
+        ("SliceThickness<=3", "SliceThickness", "<=", 3.0),
+        ("SliceThickness>0.5", "SliceThickness", ">", 0.5),
+        ("SliceThickness>=-1", "SliceThickness", ">=", -1.0),
+        ("Modality=CT|MR", "Modality", "in", ("CT", "MR")),
+        ("ContrastBolusAgent?", "ContrastBolusAgent", "present", None),
+        ("!ContrastBolusAgent", "ContrastBolusAgent", "absent", None),
+        ("CallingAE=PACS", "CallingAE", "=", "PACS"),
+        (" BodyPartExamined = ABDOMEN ", "BodyPartExamined", "=", "ABDOMEN"),
+    ],
+)
+def test_grammar(text: str, key: str, op: str, value: Any) -> None:
+    cond = parse_condition(text)
+    assert (cond.key, cond.op, cond.value) == (key, op, value)
+    assert parse_condition(cond.to_text()) == cond
+    assert Condition.from_dict(cond.to_dict()) == cond
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("Modalty=CT", "unknown DICOM keyword 'Modalty'"),
+        ("!Nonsense", "unknown DICOM keyword"),
+        ("SeriesDescription~(abd", "bad regular expression"),
+        ("SliceThickness<=thin", "needs a number"),
+        ("SliceThickness>nan", "finite number"),
+        ("Modality=", "has no value"),
+        ("Modality=CT||MR", "empty alternative"),
+        ("Modality", "cannot parse"),
+        ("=CT", "cannot parse"),
+        ("!Modality=CT", "cannot parse"),
+        ("Patient Name=X", "cannot parse"),
+    ],
+)
+def test_refused_conditions(text: str, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        parse_condition(text)
+
+
+ATTRS: dict[str, Any] = {
+    "Modality": "CT",
+    "SeriesDescription": "Abdomen Portal Venous 3.0",
+    "SliceThickness": 3.0,
+    "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"],
+    "ContrastBolusAgent": "APPLIED",
+    "ProtocolName": "",
+    "SeriesNumber": 4,
+    "CallingAE": "PACS",
+}
+
+
+@pytest.mark.parametrize(
+    ("text", "matched"),
+    [
+        ("Modality=ct", True),  # text equality is case-insensitive
+        ("Modality=MR", False),
+        ("Modality!=MR", True),
+        ("Modality!=CT", False),
+        ("Modality=MR|CT", True),
+        ("Modality=MR|PT", False),
+        ("SeriesDescription~PORTAL", True),
+        ("SeriesDescription~^portal", False),
+        ("SliceThickness<=3", True),
+        ("SliceThickness<3", False),
+        ("SliceThickness>=3", True),
+        ("SliceThickness>3", False),
+        ("SliceThickness=3.0", True),  # numeric equality: "3.0" == 3
+        ("SeriesNumber=4", True),
+        ("ImageType=AXIAL", True),  # any one value of a multi-valued attribute
+        ("ImageType=original\\primary\\axial", True),  # or the whole value
+        ("ImageType~LOCALIZER", False),
+        ("ContrastBolusAgent?", True),
+        ("!ContrastBolusAgent", False),
+        ("ProtocolName?", False),  # present but empty counts as absent
+        ("!ProtocolName", True),
+        ("!BodyPartExamined", True),
+        ("BodyPartExamined=ABDOMEN", False),
+        ("BodyPartExamined!=HEAD", True),  # absent is "not equal"
+        ("BodyPartExamined<5", False),
+        ("SeriesDescription>2", False),  # not a number: fails, never raises
+        ("CallingAE=pacs", True),
+    ],
+)
+def test_evaluation(text: str, matched: bool) -> None:
+    result = evaluate(parse_condition(text), ATTRS)
+    assert result.matched is matched, result.reason
+
+
+def test_failed_condition_names_the_actual_value() -> None:
+    spec = RuleSpec.build("abdomen-ct", pipeline="pancreas-ct",
+                          when=["Modality=CT", "SliceThickness<=2", "SeriesDescription~liver"])
+    ev = evaluate_rule(spec, ATTRS)
+    assert not ev.matched
+    assert [r.condition.to_text() for r in ev.failed] == ["SliceThickness<=2",
+                                                           "SeriesDescription~liver"]
+    assert ev.failed[0].actual == 3.0
+    assert "3 <= 2 is false" in ev.explain()
+    assert "'Abdomen Portal Venous 3.0' does not match /liver/i" in ev.explain()
+
+
+def test_disabled_rule_reports_conditions_but_never_matches() -> None:
+    spec = RuleSpec.build("r", pipeline="pancreas-ct", when=["Modality=CT"], enabled=False)
+    ev = evaluate_rule(spec, ATTRS)
+    assert not ev.matched and ev.results[0].matched and ev.explain() == "rule is disabled"
+
+
+def test_validation_of_pipeline_destination_and_shape() -> None:
+    spec = RuleSpec.build("r1", pipeline="pancreas-ct", send_to=["pacs,archive"])
+    assert spec.destinations == ("pacs", "archive")
+    spec.validate(pipelines=[], destinations={"pacs", "archive"})  # reserved name accepted
+    with pytest.raises(InputError, match="unknown pipeline 'liver-ct'"):
+        spec.with_changes(pipeline="liver-ct").validate(pipelines=["x"], destinations={"pacs"})
+    with pytest.raises(InputError, match="unknown destination 'archive'"):
+        spec.validate(pipelines=[], destinations={"pacs"})
+    for bad in ("", "has space", "x" * 65, "../etc"):
+        with pytest.raises(InputError, match="invalid rule name"):
+            RuleSpec.build(bad, pipeline="pancreas-ct")
+    with pytest.raises(InputError, match="stable age"):
+        RuleSpec.build("r", pipeline="pancreas-ct", stable_age_s=0)
+
+
+def test_yaml_form_round_trips_and_refuses_unknown_keys() -> None:
+    spec = RuleSpec.build("abdomen-ct", pipeline="pancreas-ct", priority=10, shadow=True,
+                          when=["Modality=CT", "SliceThickness<=3", "!ContrastBolusAgent",
+                                "Modality=CT|MR"], send_to=["pacs"], stable_age_s=30)
+    assert RuleSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(InputError, match="unknown key"):
+        RuleSpec.from_dict({**spec.to_dict(), "sendto": ["pacs"]})
+
+
+def test_attributes_from_a_real_header() -> None:
+    path = sorted(dicom_series_dir("ct_abdomen_siemens").glob("*.dcm"))[0]
+    attrs = attributes_from_dataset(pydicom.dcmread(path, stop_before_pixels=True),
+                                    ["KVP", "PatientPosition"])
+    assert attrs["Modality"] == "CT"
+    assert attrs["SeriesDescription"] == "CT Body 3.0"
+    assert attrs["ContrastBolusAgent"] == "APPLIED"
+    assert attrs["SliceThickness"] == 3.0
+    assert attrs["PatientPosition"] == "HFS"
+    spec = RuleSpec.build("abdomen-ct", pipeline="pancreas-ct",
+                          when=["Modality=CT", "SeriesDescription~abd|body|pancrea",
+                                "SliceThickness<=3", "ContrastBolusAgent?"])
+    assert evaluate_rule(spec, attrs).matched
+
+
+_values = st.one_of(st.text(max_size=20), st.floats(allow_nan=False),
+                    st.lists(st.text(max_size=8), max_size=4), st.none())
+
+
+@given(value=_values, text=st.sampled_from(
+    ["Modality=CT", "Modality~c.", "Modality<3", "Modality?", "!Modality", "Modality=A|B",
+     "Modality!=CT", "Modality>=-2"]))
+def test_evaluation_never_raises(value: Any, text: str) -> None:
+    result = evaluate(parse_condition(text), {"Modality": value})
+    assert isinstance(result.matched, bool) and result.reason
