@@ -1,3 +1,6 @@
+"""``python -m node``: the same CLI as the ``ainode`` console script."""
+
 from node.cli import main
 
-main()
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""``ainode serve``: run the node until SIGTERM or SIGINT.
+
+Why the signal handlers only set an event: the shutdown itself (stop
+accepting, let stores in flight finish, stop the workers and the scheduler)
+runs on the main thread, never inside a signal handler.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Annotated
+
+import typer
+
+from node.cli.context import get
+from node.service import NodeService, default_workers
+
+__all__ = ["serve"]
+
+
+def serve(
+    ctx: typer.Context,
+    workers: Annotated[
+        int | None,
+        typer.Option("--workers", "-w", min=1, max=16,
+                     help="receiver processes sharing the port (default: one per core, max 4)"),
+    ] = None,
+) -> None:
+    """Receive DICOM (C-ECHO, C-STORE) and assemble series until stopped."""
+    app = get(ctx)
+    service = NodeService(app.config, workers=workers or default_workers())
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    service.start()
+    typer.echo(
+        f"ainode listening on {app.config.dicom.host}:{service.port} as "
+        f"{app.config.dicom.ae_title} ({service.workers} receiver process(es))", err=True,
+    )
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        service.stop()
+    typer.echo("ainode stopped", err=True)

@@ -1,0 +1,105 @@
+"""Presentation contexts the receiver accepts: image storage and verification.
+
+Why an explicit list rather than pynetdicom's ``AllStoragePresentationContexts``:
+the node analyses images; an RT plan or a report sent to it is a routing
+mistake at the PACS, and refusing it at negotiation tells the sender at once
+instead of acknowledging an object nobody will read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pydicom import uid
+from pynetdicom import build_context
+from pynetdicom.presentation import PresentationContext
+
+__all__ = [
+    "IMAGE_STORAGE_SOP_CLASSES",
+    "TRANSFER_SYNTAXES",
+    "prefer_requestor_order",
+    "supported_contexts",
+]
+
+IMAGE_STORAGE_SOP_CLASSES: dict[str, str] = {
+    "CTImageStorage": "1.2.840.10008.5.1.4.1.1.2",
+    "EnhancedCTImageStorage": "1.2.840.10008.5.1.4.1.1.2.1",
+    "LegacyConvertedEnhancedCTImageStorage": "1.2.840.10008.5.1.4.1.1.2.2",
+    "MRImageStorage": "1.2.840.10008.5.1.4.1.1.4",
+    "EnhancedMRImageStorage": "1.2.840.10008.5.1.4.1.1.4.1",
+    "EnhancedMRColorImageStorage": "1.2.840.10008.5.1.4.1.1.4.3",
+    "LegacyConvertedEnhancedMRImageStorage": "1.2.840.10008.5.1.4.1.1.4.4",
+    "PositronEmissionTomographyImageStorage": "1.2.840.10008.5.1.4.1.1.128",
+    "LegacyConvertedEnhancedPETImageStorage": "1.2.840.10008.5.1.4.1.1.128.1",
+    "EnhancedPETImageStorage": "1.2.840.10008.5.1.4.1.1.130",
+    "NuclearMedicineImageStorage": "1.2.840.10008.5.1.4.1.1.20",
+    "SecondaryCaptureImageStorage": "1.2.840.10008.5.1.4.1.1.7",
+    "MultiFrameSingleBitSecondaryCaptureImageStorage": "1.2.840.10008.5.1.4.1.1.7.1",
+    "MultiFrameGrayscaleByteSecondaryCaptureImageStorage": "1.2.840.10008.5.1.4.1.1.7.2",
+    "MultiFrameGrayscaleWordSecondaryCaptureImageStorage": "1.2.840.10008.5.1.4.1.1.7.3",
+    "MultiFrameTrueColorSecondaryCaptureImageStorage": "1.2.840.10008.5.1.4.1.1.7.4",
+    "ComputedRadiographyImageStorage": "1.2.840.10008.5.1.4.1.1.1",
+    "DigitalXRayImageStorageForPresentation": "1.2.840.10008.5.1.4.1.1.1.1",
+    "DigitalXRayImageStorageForProcessing": "1.2.840.10008.5.1.4.1.1.1.1.1",
+    "DigitalMammographyXRayImageStorageForPresentation": "1.2.840.10008.5.1.4.1.1.1.2",
+    "UltrasoundImageStorage": "1.2.840.10008.5.1.4.1.1.6.1",
+    "UltrasoundMultiFrameImageStorage": "1.2.840.10008.5.1.4.1.1.3.1",
+    "XRayAngiographicImageStorage": "1.2.840.10008.5.1.4.1.1.12.1",
+    "EnhancedXAImageStorage": "1.2.840.10008.5.1.4.1.1.12.1.1",
+    "XRayRadiofluoroscopicImageStorage": "1.2.840.10008.5.1.4.1.1.12.2",
+}
+
+# Stored as received, never transcoded: the node accepts what scanners send.
+TRANSFER_SYNTAXES: tuple[str, ...] = (
+    uid.ExplicitVRLittleEndian,
+    uid.ImplicitVRLittleEndian,
+    uid.DeflatedExplicitVRLittleEndian,
+    uid.ExplicitVRBigEndian,
+    uid.JPEGBaseline8Bit,
+    uid.JPEGExtended12Bit,
+    uid.JPEGLossless,
+    uid.JPEGLosslessSV1,
+    uid.JPEGLSLossless,
+    uid.JPEGLSNearLossless,
+    uid.JPEG2000Lossless,
+    uid.JPEG2000,
+    uid.RLELossless,
+)
+
+VERIFICATION = "1.2.840.10008.1.1"
+
+
+def supported_contexts() -> list[PresentationContext]:
+    """Verification plus every image storage class, each with every transfer syntax."""
+    contexts = [build_context(VERIFICATION, [uid.ExplicitVRLittleEndian,
+                                             uid.ImplicitVRLittleEndian])]
+    contexts += [build_context(sop, list(TRANSFER_SYNTAXES))
+                 for sop in IMAGE_STORAGE_SOP_CLASSES.values()]
+    return contexts
+
+
+def prefer_requestor_order(
+    requested: Sequence[PresentationContext], supported: Sequence[PresentationContext]
+) -> list[PresentationContext]:
+    """Our contexts with transfer syntaxes re-ordered to follow the requestor's preference.
+
+    pynetdicom picks the first of *the acceptor's* transfer syntaxes that the
+    requestor proposed. A sender that offers one context with ``[JPEG 2000,
+    Explicit LE]`` for a JPEG 2000 file would then be asked to decompress
+    (dcmtk cannot, and fails the store), and one that offers ``[Explicit LE,
+    JPEG 2000]`` for a raw file would be asked to compress. Following the
+    requestor's order means the node stores what the sender holds, untouched.
+    """
+    ours = {str(cx.abstract_syntax): [str(t) for t in cx.transfer_syntax] for cx in supported}
+    preferred: dict[str, list[str]] = {}
+    for cx in requested:
+        allowed = ours.get(str(cx.abstract_syntax))
+        if allowed is None:
+            continue
+        order = preferred.setdefault(str(cx.abstract_syntax), [])
+        order += [str(t) for t in cx.transfer_syntax if str(t) in allowed and str(t) not in order]
+    result = []
+    for abstract, syntaxes in ours.items():
+        first = preferred.get(abstract, [])
+        result.append(build_context(abstract, first + [t for t in syntaxes if t not in first]))
+    return result

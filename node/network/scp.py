@@ -1,0 +1,257 @@
+"""The receiver: a pynetdicom AE whose C-STORE handler only persists.
+
+The sender waits for our response while the handler runs, so the handler
+does exactly what an acknowledgement promises and nothing more: hand the
+bytes as received to ``storage.ingest.Ingestor`` (atomic fsynced file, row,
+audit row, commit) and map the outcome to a DIMSE status. Series assembly,
+routing and inference run elsewhere and read the database.
+
+Dependencies are bound as handler arguments (pynetdicom's ``evt_handlers``
+``(event, handler, [args])``), so two receivers in one test process never
+share state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.exc import SQLAlchemyError
+
+from node.config import CallerConfig, DicomConfig, TLSConfig
+from node.errors import ConfigError, ConflictError, InputError, OutOfSpaceError, StorageError
+from node.network import status
+from node.network.acl import AccessPolicy
+from node.network.contexts import prefer_requestor_order, supported_contexts
+from node.network.tls import server_context
+from storage.audit import audit
+from storage.db import Database
+from storage.ingest import Ingestor, Peer
+
+__all__ = ["Receiver", "ReceiverSettings", "handle_echo", "handle_requested", "handle_store"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiverSettings:
+    """The network half of the config, as one value passed to each receiver process."""
+
+    ae_title: str = "AINODE"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    max_pdu: int = 0
+    max_associations: int = 16
+    acse_timeout_s: float = 30.0
+    dimse_timeout_s: float = 60.0
+    network_timeout_s: float = 60.0
+    callers: tuple[CallerConfig, ...] = ()
+    tls: TLSConfig = field(default_factory=TLSConfig)
+
+    @classmethod
+    def from_config(cls, dicom: DicomConfig) -> ReceiverSettings:
+        return cls(
+            ae_title=dicom.ae_title, host=dicom.host, port=dicom.port, max_pdu=dicom.max_pdu,
+            max_associations=dicom.max_associations, acse_timeout_s=dicom.acse_timeout_s,
+            dimse_timeout_s=dicom.dimse_timeout_s, network_timeout_s=dicom.network_timeout_s,
+            callers=tuple(dicom.allowed_callers), tls=dicom.tls,
+        )
+
+
+def _status(code: int, comment: str) -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    # Error Comment is LO (64 chars); it carries UIDs at most, never PHI.
+    ds.ErrorComment = comment.replace("\\", "/")[:64]
+    return ds
+
+
+def _peer(event: evt.Event) -> Peer:
+    requestor = event.assoc.requestor
+    return Peer(ae_title=(requestor.ae_title or "").strip() or None, host=requestor.address)
+
+
+def handle_requested(event: evt.Event, policy: AccessPolicy, db: Database) -> None:
+    """EVT_REQUESTED: refuse unlisted callers before negotiation, and audit the attempt."""
+    requestor = event.assoc.requestor
+    primitive = requestor.primitive
+    calling = (primitive.calling_ae_title or "").strip() if primitive is not None else ""
+    host = requestor.address
+    reason = policy.refusal(calling, host)
+    if reason is None:
+        if primitive is not None:
+            acceptor = event.assoc.acceptor
+            acceptor.supported_contexts = prefer_requestor_order(
+                primitive.presentation_context_definition_list, acceptor.supported_contexts
+            )
+        return
+    try:
+        with db.session() as s:
+            audit(s, "association.rejected", outcome="failure", actor=calling or None,
+                  host=host, reason=reason)
+    except SQLAlchemyError:
+        log.exception("could not audit a refused association")
+    log.warning("association refused", extra={"reason": reason, "calling_ae": calling})
+    # Rejected-permanent, service-user, calling AE title not recognised (PS3.8 9.3.4).
+    event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+    # The reject PDU goes out on the DUL thread; pynetdicom closes the socket as
+    # soon as this handler returns, so wait (bounded) until it has been sent or
+    # the peer would see a bare disconnect instead of the reason.
+    dul = event.assoc.dul
+    deadline = time.monotonic() + 2.0
+    while dul.state_machine.current_state != "Sta13" and time.monotonic() < deadline:
+        time.sleep(0.002)
+
+
+def handle_established(event: evt.Event, db: Database) -> None:
+    """EVT_ESTABLISHED: audit the association and any SOP classes refused at negotiation."""
+    peer = _peer(event)
+    refused = sorted({str(cx.abstract_syntax) for cx in event.assoc.rejected_contexts})
+    try:
+        with db.session() as s:
+            audit(s, "association.accepted", actor=peer.ae_title, host=peer.host,
+                  refused_sop_classes=refused)
+    except SQLAlchemyError:
+        log.exception("could not audit an association")
+
+
+def handle_echo(event: evt.Event) -> int:
+    return status.SUCCESS
+
+
+def handle_store(event: evt.Event, ingestor: Ingestor) -> int | Dataset:
+    """EVT_C_STORE: persist, then answer; never raises (a bug answers 0xC211)."""
+    request = cast(C_STORE, event.request)
+    sop_uid = str(request.AffectedSOPInstanceUID or "")
+    try:
+        ingestor.ingest(
+            event.encoded_dataset(),
+            transfer_syntax_uid=str(event.context.transfer_syntax),
+            peer=_peer(event),
+            affected_sop_instance_uid=sop_uid or None,
+        )
+    except OutOfSpaceError:
+        return _status(status.OUT_OF_RESOURCES, "out of resources: disk below free-space floor")
+    except InputError as exc:
+        return _status(status.BAD_IDENTIFIERS, f"cannot understand: {exc}")
+    except ConflictError:
+        return _status(status.DUPLICATE_CONFLICT, "different dataset under a stored SOP UID")
+    except StorageError:
+        log.exception("storage failure while receiving", extra={"sop_instance_uid": sop_uid})
+        return _status(status.STORAGE_FAILURE, "storage failure")
+    except Exception:
+        log.exception("unexpected error in the C-STORE handler",
+                      extra={"sop_instance_uid": sop_uid})
+        return _status(status.INTERNAL_ERROR, "internal error")
+    return status.SUCCESS
+
+
+class _Server(ThreadedAssociationServer):
+    """pynetdicom's threaded server plus TCP_NODELAY and, optionally, SO_REUSEPORT.
+
+    TCP_NODELAY: a C-STORE response is a small PDU; Nagle would hold it back.
+    SO_REUSEPORT: several receiver processes listen on one port and the kernel
+    spreads associations over them (pynetdicom's receive path is CPU bound and
+    one process holds one core).
+    """
+
+    reuse_port: bool = False
+
+    def server_bind(self) -> None:
+        if self.reuse_port and self.socket is not None:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        sock, address = super().get_request()
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock, address
+
+
+class _ReusePortServer(_Server):
+    reuse_port = True
+
+
+class Receiver:
+    """One AE listening on one socket; start() returns once it accepts connections."""
+
+    def __init__(
+        self, settings: ReceiverSettings, ingestor: Ingestor, *, reuse_port: bool = False
+    ) -> None:
+        self.settings = settings
+        self.ingestor = ingestor
+        self.policy = AccessPolicy.from_config(settings.callers)
+        self.reuse_port = reuse_port
+        self._server: _Server | None = None
+        self._ae = self._make_ae()
+
+    def _make_ae(self) -> AE:
+        s = self.settings
+        ae = AE(ae_title=s.ae_title)
+        ae.supported_contexts = supported_contexts()
+        ae.maximum_associations = s.max_associations
+        ae.maximum_pdu_size = s.max_pdu
+        ae.acse_timeout = s.acse_timeout_s
+        ae.dimse_timeout = s.dimse_timeout_s
+        ae.network_timeout = s.network_timeout_s
+        return ae
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("receiver not started")
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        s = self.settings
+        db = self.ingestor.db
+        handlers: list[Any] = [
+            (evt.EVT_REQUESTED, handle_requested, [self.policy, db]),
+            (evt.EVT_ESTABLISHED, handle_established, [db]),
+            (evt.EVT_C_ECHO, handle_echo),
+            (evt.EVT_C_STORE, handle_store, [self.ingestor]),
+        ]
+        if self.policy.open:
+            log.warning("dicom.allowed_callers is empty: any calling AE may store to this node")
+        server_class = _ReusePortServer if self.reuse_port else _Server
+        try:
+            server = self._ae.make_server(
+                (s.host, s.port), ae_title=s.ae_title, ssl_context=server_context(s.tls),
+                evt_handlers=handlers, server_class=server_class,
+            )
+        except OSError as exc:
+            raise ConfigError(f"dicom: cannot listen on {s.host}:{s.port}: {exc.strerror}") from exc
+        self._ae._servers.append(server)  # so pynetdicom's own shutdown finds it
+        self._server = cast(_Server, server)
+        thread = threading.Thread(target=server.serve_forever, name="dicom-acceptor",
+                                  daemon=True)
+        thread.start()
+        log.info("DICOM receiver listening",
+                 extra={"ae_title": s.ae_title, "host": s.host, "port": self.port,
+                        "tls": s.tls.enabled})
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """Stop accepting, give running associations ``grace_s`` to finish, abort the rest.
+
+        An aborted store was never acknowledged, so the sender still owns it.
+        """
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        deadline = time.monotonic() + grace_s
+        while server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for assoc in server.active_associations:
+            assoc.abort()

@@ -1,0 +1,70 @@
+"""An extra receiver process: ``python -m node.network.worker`` (started by NodeService).
+
+Why processes: pynetdicom's receive path is pure Python and holds the GIL
+(about 3 ms of CPU per 512 KB instance), so one process uses one core however
+many associations it runs. Extra receivers bind the same port with
+SO_REUSEPORT, each with its own AE, database engine and file store handle;
+they share the spool and the database, whose writes are atomic and
+transactional, so nothing needs coordinating between them.
+
+Protocol with the parent: the config arrives as JSON on stdin; the worker
+prints ``ready <pid>`` on stdout once it listens; SIGTERM (or the parent
+going away) stops it after the associations in flight have finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from dataclasses import replace
+
+from node import logs
+from node.config import NodeConfig
+from node.network.scp import Receiver, ReceiverSettings
+from storage.db import Database
+from storage.filestore import FileStore
+from storage.ingest import Ingestor
+
+__all__ = ["main", "run_worker"]
+
+log = logging.getLogger(__name__)
+
+
+def run_worker(config: NodeConfig, port: int, stop: threading.Event, parent_pid: int) -> None:
+    """Serve until ``stop`` is set or the parent process is gone."""
+    s = config.storage
+    db = Database(s.effective_database_url)
+    store = FileStore(s.data_dir, spool_dir=s.spool_dir, results_dir=s.results_dir,
+                      min_free_mb=s.min_free_mb)
+    settings = ReceiverSettings.from_config(config.dicom)
+    receiver = Receiver(replace(settings, port=port), Ingestor(db, store), reuse_port=True)
+    receiver.start()
+    print(f"ready {os.getpid()}", flush=True)
+    try:
+        while not stop.wait(0.5):
+            if os.getppid() != parent_pid:
+                log.warning("parent process gone: receiver worker stopping")
+                break
+    finally:
+        receiver.stop()
+        db.dispose()
+
+
+def main() -> None:
+    request = json.loads(sys.stdin.readline())
+    config = NodeConfig.model_validate(request["config"])
+    lc = config.logging
+    logs.configure(lc.level, lc.format, lc.file)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # Ctrl-C reaches the whole process group; the parent decides when we stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    run_worker(config, int(request["port"]), stop, int(request["parent_pid"]))
+
+
+if __name__ == "__main__":
+    main()

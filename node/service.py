@@ -1,0 +1,158 @@
+"""The running node: receiver process(es) plus the scheduler of periodic work.
+
+Start-up order is chosen for crash recovery: staging files left by a killed
+node are removed first (they were never acknowledged), the schema is brought
+to head, and only then does the port open. The scheduler runs series
+completion every second; other engineers add their periodic tasks (routing,
+job claiming, sending) to ``NodeService.scheduler`` before ``start()``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import UTC
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from node.config import NodeConfig
+from node.errors import ConfigError, NodeError, StorageError
+from node.network.scp import Receiver, ReceiverSettings
+from storage import migrate
+from storage.db import Database
+from storage.filestore import FileStore
+from storage.ingest import Ingestor
+from storage.models import utcnow
+from storage.series import CompletedSeries, close_stable_series
+
+__all__ = ["NodeService", "default_workers"]
+
+log = logging.getLogger(__name__)
+
+_WORKER_START_TIMEOUT_S = 60.0
+
+
+def default_workers() -> int:
+    """One receiver process per core, at most four: pynetdicom needs a core per process."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def _port_in_use(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+class NodeService:
+    """Owns the database, the file store, the receivers and the scheduler of one node."""
+
+    def __init__(self, config: NodeConfig, *, workers: int = 1,
+                 completion_interval_s: float = 1.0) -> None:
+        if workers < 1:
+            raise ConfigError("workers must be at least 1")
+        self.config = config
+        self.workers = workers
+        self.completion_interval_s = completion_interval_s
+        s = config.storage
+        self.db = Database(s.effective_database_url)
+        self.store = FileStore(s.data_dir, spool_dir=s.spool_dir, results_dir=s.results_dir,
+                               min_free_mb=s.min_free_mb)
+        self.scheduler = BackgroundScheduler(timezone=UTC)
+        self._receiver: Receiver | None = None
+        self._children: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def port(self) -> int:
+        if self._receiver is None:
+            raise RuntimeError("node not started")
+        return self._receiver.port
+
+    def start(self) -> None:
+        removed = self.store.remove_partials()
+        if removed:
+            log.warning("removed partial files left by an earlier crash",
+                        extra={"count": len(removed)})
+        migrate.upgrade(self.db)
+        settings = ReceiverSettings.from_config(self.config.dicom)
+        multi = self.workers > 1
+        if multi and settings.port != 0 and _port_in_use(settings.host, settings.port):
+            # SO_REUSEPORT would let us share the port with whoever holds it.
+            raise ConfigError(f"dicom.port {settings.port} on {settings.host} is in use")
+        self._receiver = Receiver(settings, Ingestor(self.db, self.store), reuse_port=multi)
+        self._receiver.start()
+        try:
+            for _ in range(self.workers - 1):
+                self._children.append(self._spawn_worker(self._receiver.port))
+        except BaseException:
+            self.stop()
+            raise
+        self.scheduler.add_job(
+            self.complete_series, "interval", seconds=self.completion_interval_s,
+            id="series-completion", max_instances=1, coalesce=True, replace_existing=True,
+        )
+        self.scheduler.start()
+        log.info("node started", extra={"port": self.port, "workers": self.workers})
+
+    def _spawn_worker(self, port: int) -> subprocess.Popen[bytes]:
+        request = {
+            "config": self.config.model_dump(mode="json"),
+            "port": port,
+            "parent_pid": os.getpid(),
+        }
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "node.network.worker"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True,
+        )
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(json.dumps(request).encode() + b"\n")
+        proc.stdin.close()
+        ready, _, _ = select.select([proc.stdout], [], [], _WORKER_START_TIMEOUT_S)
+        line = proc.stdout.readline() if ready else b""
+        if not line.startswith(b"ready"):
+            proc.kill()
+            proc.wait(timeout=10)
+            raise StorageError(f"receiver worker did not start (exit code {proc.returncode})")
+        return proc
+
+    def complete_series(self) -> list[CompletedSeries]:
+        """The scheduled step; a failure is logged and retried on the next tick."""
+        try:
+            return close_stable_series(self.db, self.config.series.stable_age_s, utcnow())
+        except NodeError:
+            log.exception("series completion failed; retrying next tick")
+            return []
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """Stop accepting, let stores in flight finish, stop workers, then the scheduler."""
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=True)
+        for proc in self._children:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        if self._receiver is not None:
+            self._receiver.stop(grace_s)
+            self._receiver = None
+        deadline = time.monotonic() + grace_s + 5
+        for proc in self._children:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+            if proc.stdout is not None:
+                proc.stdout.close()
+        self._children = []
+        self.db.dispose()
+        log.info("node stopped")
+
+    def worker_pids(self) -> list[int]:
+        return [p.pid for p in self._children if p.poll() is None]

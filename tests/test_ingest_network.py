@@ -1,0 +1,415 @@
+"""The running node (`ainode serve`, two receiver processes) against real dcmtk tools.
+
+dcmtk's echoscu/storescu are the peers wherever they can express the case;
+pynetdicom sends only what storescu refuses to send (empty UIDs) or where the
+exact DIMSE status of one store is asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+import pynetdicom._config
+import pytest
+import sqlalchemy as sa
+import yaml
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+
+from storage.db import Database
+from storage.models import AuditEvent, Instance, Series, SeriesState
+from tests.support.data import dicom_series_dir, list_series_dirs
+from tests.support.net import free_port, wait_for
+from tests.support.peers import dcmtk_env, require
+
+pytestmark = [pytest.mark.peers, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+AINODE = [sys.executable, "-m", "node"]
+STABLE_AGE_S = 1.5
+CALLERS = ["STORESCU", "ECHOSCU", "PYSENDER"]
+
+
+@dataclass
+class NodeProc:
+    proc: subprocess.Popen[bytes]
+    port: int
+    data_dir: Path
+    config: Path
+    log: Path
+
+    @property
+    def db(self) -> Database:
+        return Database(f"sqlite:///{self.data_dir / 'ainode.db'}")
+
+    def kill_all(self) -> None:
+        """SIGKILL the whole node (parent and receiver workers), like a power cut."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+                raise
+        return self.proc.returncode
+
+    def ainode(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*AINODE, "--config", str(self.config), *args], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+
+
+def _echo_ok(port: int, aet: str = "ECHOSCU") -> bool:
+    r = subprocess.run([require("echoscu"), "-aet", aet, "-aec", "AINODE", "127.0.0.1",
+                        str(port)], env=dcmtk_env(), capture_output=True, timeout=30)
+    return r.returncode == 0
+
+
+def start_node(tmp: Path, *, min_free_mb: int = 0, workers: int = 2,
+               data_dir: Path | None = None, port: int | None = None) -> NodeProc:
+    data_dir = data_dir or tmp / "node-data"
+    port = port or free_port()
+    cfg = tmp / "node.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "dicom": {"ae_title": "AINODE", "host": "127.0.0.1", "port": port,
+                  "allowed_callers": CALLERS},
+        "storage": {"data_dir": str(data_dir), "min_free_mb": min_free_mb},
+        "series": {"stable_age_s": STABLE_AGE_S},
+        "logging": {"level": "INFO"},
+    }))
+    log = tmp / f"node-{time.monotonic_ns()}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([*AINODE, "--config", str(cfg), "serve", "--workers",
+                                 str(workers)], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    node = NodeProc(proc, port, data_dir, cfg, log)
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"node exited {proc.returncode}: {log.read_text()[-3000:]}")
+        return "listening" in log.read_text() and _echo_ok(port)
+
+    wait_for(ready, timeout=90, what="ainode serve to listen")
+    return node
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[NodeProc]:
+    n = start_node(tmp_path)
+    yield n
+    n.stop()
+
+
+def repaired_siemens(tmp: Path) -> Path:
+    """A copy of ct_abdomen_siemens with UIDs storescu accepts (README: the UID quirk)."""
+    out = tmp / "ct_abdomen_siemens_repaired"
+    out.mkdir(exist_ok=True)
+    study = generate_uid(entropy_srcs=["ainode-test", "ct_abdomen_siemens", "study"])
+    series = generate_uid(entropy_srcs=["ainode-test", "ct_abdomen_siemens", "series"])
+    for f in sorted(dicom_series_dir("ct_abdomen_siemens").glob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID = study
+        ds.SeriesInstanceUID = series
+        ds.save_as(out / f.name, enforce_file_format=True)
+    return out
+
+
+def sendable_series(tmp: Path) -> list[Path]:
+    return [repaired_siemens(tmp) if d.name == "ct_abdomen_siemens" else d
+            for d in list_series_dirs()]
+
+
+def expected_by_series(dirs: list[Path]) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for d in dirs:
+        for f in d.glob("*.dcm"):
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+            out.setdefault(str(ds.SeriesInstanceUID), set()).add(str(ds.SOPInstanceUID))
+    return out
+
+
+def storescu(port: int, *paths: Path, aet: str = "STORESCU", verbose: bool = False,
+             timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [require("storescu"), *(["-v"] if verbose else []), "-aet", aet, "-aec", "AINODE",
+         "-R", "-xv", "+sd",
+         "127.0.0.1", str(port), *map(str, paths)],
+        env=dcmtk_env(), capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def assert_landed(node: NodeProc, expected: dict[str, set[str]]) -> None:
+    """Files, rows and SOP Instance UIDs agree, and each series becomes complete."""
+    db = node.db
+    try:
+        def complete() -> bool:
+            with db.session() as s:
+                rows = s.execute(sa.select(Series.series_instance_uid, Series.state)).all()
+            states = {uid: state for uid, state in rows}
+            return all(states.get(uid) is SeriesState.COMPLETE for uid in expected)
+
+        wait_for(complete, timeout=STABLE_AGE_S + 30, what="series completion")
+        with db.session() as s:
+            for series_uid, sops in expected.items():
+                series = s.execute(sa.select(Series).where(
+                    Series.series_instance_uid == series_uid)).scalar_one()
+                rows = s.execute(sa.select(Instance).where(Instance.series_id == series.id))
+                instances = list(rows.scalars())
+                assert {i.sop_instance_uid for i in instances} == sops, series_uid
+                assert series.instance_count == len(sops)
+                files = list((node.data_dir / "spool").glob(f"*/{series_uid}/*.dcm"))
+                assert {p.stem for p in files} == sops
+                for i in instances:  # each file readable and matching its row
+                    path = node.data_dir / "spool" / i.path
+                    assert path.stat().st_size == i.size_bytes
+                    assert pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID == \
+                        i.sop_instance_uid
+    finally:
+        db.dispose()
+
+
+def audit_rows(node: NodeProc, event: str) -> list[AuditEvent]:
+    db = node.db
+    try:
+        with db.session() as s:
+            return list(s.execute(sa.select(AuditEvent).where(AuditEvent.event == event))
+                        .scalars())
+    finally:
+        db.dispose()
+
+
+def pynetdicom_send(port: int, items: list[Path | pydicom.Dataset],
+                    sop_class: str | None = None) -> list[int]:
+    """Store each item on one association with pynetdicom; return the DIMSE statuses."""
+    ae = AE(ae_title="PYSENDER")
+    classes = {sop_class} if sop_class else set()
+    for item in items:
+        ds = item if isinstance(item, pydicom.Dataset) else pydicom.dcmread(item,
+                                                                             stop_before_pixels=True)
+        classes.add(str(ds.file_meta.MediaStorageSOPClassUID))
+        ts = str(ds.file_meta.TransferSyntaxUID)
+    for c in classes:
+        ae.add_requested_context(c, [ts])
+    assoc = ae.associate("127.0.0.1", port, ae_title="AINODE")
+    assert assoc.is_established
+    assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    statuses = []
+    # Send files as stored (UIDs from the file meta, dataset bytes untouched), the
+    # way a PACS forwards what it holds; pynetdicom's switch for it is module-level.
+    chunked = pynetdicom._config.STORE_SEND_CHUNKED_DATASET
+    pynetdicom._config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        for item in items:
+            rsp = assoc.send_c_store(item)
+            statuses.append(int(rsp.Status) if "Status" in rsp else -1)
+    finally:
+        pynetdicom._config.STORE_SEND_CHUNKED_DATASET = chunked
+        assoc.release()
+    return statuses
+
+
+# -- verification and access control ----------------------------------------------------
+
+
+def test_echoscu_succeeds_and_an_unlisted_calling_ae_is_rejected(node: NodeProc) -> None:
+    assert _echo_ok(node.port, "ECHOSCU")
+    r = subprocess.run([require("echoscu"), "-aet", "INTRUDER", "-aec", "AINODE", "127.0.0.1",
+                        str(node.port)], env=dcmtk_env(), capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode != 0
+    assert "Calling AE Title Not Recognized" in r.stdout + r.stderr
+    rejected = audit_rows(node, "association.rejected")
+    assert [(a.actor, a.outcome) for a in rejected] == [("INTRUDER", "failure")]
+
+
+# -- every real series, one storescu per series ----------------------------------------
+
+
+def test_storescu_of_every_shared_series_lands_and_completes(
+    node: NodeProc, tmp_path: Path
+) -> None:
+    dirs = sendable_series(tmp_path)
+    for d in dirs:
+        r = storescu(node.port, d)
+        assert r.returncode == 0, r.stdout + r.stderr
+    assert_landed(node, expected_by_series(dirs))
+    listing = node.ainode("series", "list", "--json")
+    assert listing.returncode == 0, listing.stderr
+    rows = json.loads(listing.stdout)
+    assert {r["series_uid"] for r in rows} == set(expected_by_series(dirs))
+    assert all(r["state"] == "complete" for r in rows)
+    studies = json.loads(node.ainode("studies", "list", "--json").stdout)
+    assert sum(s["instance_count"] for s in studies) == sum(len(list(d.glob("*.dcm")))
+                                                            for d in dirs)
+    table = node.ainode("series", "list")
+    assert table.returncode == 0 and "complete" in table.stdout
+
+
+def test_four_concurrent_storescu_processes_all_land(node: NodeProc, tmp_path: Path) -> None:
+    dirs = [repaired_siemens(tmp_path), dicom_series_dir("mr_head_ge_3dt1"),
+            dicom_series_dir("mr_head_ge_epi4d"), dicom_series_dir("ct_phantom_philips")]
+    procs = [subprocess.Popen(
+        [require("storescu"), "-aet", "STORESCU", "-aec", "AINODE", "-R", "-xv", "+sd",
+         "127.0.0.1", str(node.port), str(d)],
+        env=dcmtk_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    ) for d in dirs]
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out
+    assert_landed(node, expected_by_series(dirs))
+
+
+# -- refusals: each with its status and audit event ---------------------------------------
+
+
+def test_duplicate_is_acknowledged_once_and_conflict_is_kept_aside(
+    node: NodeProc, tmp_path: Path
+) -> None:
+    src = sorted(dicom_series_dir("mr_head_siemens_t1sag").glob("*.dcm"))[0]
+    first = storescu(node.port, src)
+    again = storescu(node.port, src)
+    assert first.returncode == 0 and again.returncode == 0, again.stdout + again.stderr
+    assert len(audit_rows(node, "instance.duplicate")) == 1
+    changed = pydicom.dcmread(src)
+    changed.SeriesDescription = "edited elsewhere"
+    buf = BytesIO()
+    changed.save_as(buf, enforce_file_format=True)
+    changed_path = tmp_path / "changed.dcm"
+    changed_path.write_bytes(buf.getvalue())
+    assert pynetdicom_send(node.port, [changed_path]) == [0x0111]
+    conflict = audit_rows(node, "instance.conflict")
+    assert len(conflict) == 1 and conflict[0].outcome == "failure"
+    kept = list((node.data_dir / "quarantine").glob("*.dcm"))
+    assert [pydicom.dcmread(p).SeriesDescription for p in kept] == ["edited elsewhere"]
+    stored = list((node.data_dir / "spool").rglob(f"{changed.SOPInstanceUID}.dcm"))
+    original = pydicom.dcmread(src).SeriesDescription
+    assert [pydicom.dcmread(p).SeriesDescription for p in stored] == [original]
+
+
+def test_unrepaired_files_with_empty_uids_get_a_failure_status(node: NodeProc) -> None:
+    files = sorted(dicom_series_dir("ct_abdomen_siemens").glob("*.dcm"))[:3]
+    statuses = pynetdicom_send(node.port, list(files))
+    assert statuses == [0xC210] * 3
+    rejected = audit_rows(node, "instance.rejected")
+    assert len(rejected) == 3 and all(r.details["reason"] == "bad_dataset" for r in rejected)
+    assert list((node.data_dir / "spool").rglob("*.dcm")) == []
+
+
+def test_unsupported_sop_class_is_refused_at_negotiation(node: NodeProc) -> None:
+    ae = AE(ae_title="PYSENDER")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.88.11")  # Basic Text SR
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="AINODE")
+    try:
+        assert assoc.is_established
+        accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+        assert accepted == {"1.2.840.10008.1.1"}
+    finally:
+        assoc.release()
+    rows = wait_for(lambda: [a for a in audit_rows(node, "association.accepted")
+                             if a.actor == "PYSENDER"], timeout=10, what="association audit")
+    assert rows[0].details["refused_sop_classes"] == ["1.2.840.10008.5.1.4.1.1.88.11"]
+
+
+def test_low_disk_answers_out_of_resources_before_writing(tmp_path: Path) -> None:
+    node = start_node(tmp_path, min_free_mb=10**9, workers=1)
+    try:
+        src = sorted(dicom_series_dir("ct_phantom_philips").glob("*.dcm"))[:2]
+        assert pynetdicom_send(node.port, list(src)) == [0xA700, 0xA700]
+        r = storescu(node.port, src[0], verbose=True)
+        assert r.returncode != 0
+        assert "Refused: OutOfResources" in r.stderr, r.stdout + r.stderr
+        rejected = audit_rows(node, "instance.rejected")
+        assert len(rejected) == 3 and {r.details["reason"] for r in rejected} == {"low_disk"}
+        assert list((node.data_dir / "spool").rglob("*.dcm")) == []
+    finally:
+        node.stop()
+
+
+# -- crash safety ---------------------------------------------------------------------------
+
+
+def synthetic_ct(tmp: Path, n: int) -> Path:
+    """n 512x512 CT slices cloned from the Philips phantom with fresh UIDs (test-only data)."""
+    out = tmp / f"synthetic_ct_{n}"
+    out.mkdir()
+    base = pydicom.dcmread(sorted(dicom_series_dir("ct_phantom_philips").glob("*.dcm"))[0])
+    study, series = generate_uid(), generate_uid()
+    for i in range(n):
+        base.StudyInstanceUID, base.SeriesInstanceUID = study, series
+        base.SOPInstanceUID = generate_uid()
+        base.file_meta.MediaStorageSOPInstanceUID = base.SOPInstanceUID
+        base.InstanceNumber = i + 1
+        base.save_as(out / f"{i:04d}.dcm", enforce_file_format=True)
+    return out
+
+
+def test_sigkill_mid_transfer_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    src = synthetic_ct(tmp_path, 150)
+    node = start_node(tmp_path)
+    cmd = [require("storescu"), "-v", "-aet", "STORESCU", "-aec", "AINODE", "-R", "+C", "+sd",
+           "127.0.0.1", str(node.port), str(src)]
+    sender = subprocess.Popen(cmd, env=dcmtk_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    acked: list[str] = []
+    current: list[str] = []
+    lines: list[str] = []
+
+    def read() -> None:
+        assert sender.stdout is not None
+        for line in sender.stdout:
+            lines.append(line)
+            m = re.search(r"Sending file: (\S+)", line)
+            if m:
+                current[:] = [m.group(1)]
+            elif "Received Store Response (Success)" in line and current:
+                acked.append(current[0])
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    wait_for(lambda: len(acked) >= 30, timeout=120, what="30 acknowledged stores")
+    node.kill_all()
+    sender.wait(timeout=60)
+    reader.join(timeout=10)
+    assert 30 <= len(acked) < 150, "the kill must land mid-transfer"
+    restarted = start_node(tmp_path, data_dir=node.data_dir, port=node.port)
+    try:
+        spool = node.data_dir / "spool"
+        assert not [p for p in spool.rglob("*") if p.name.startswith(".part-")]
+        assert not list((spool / ".tmp").iterdir())
+        db = restarted.db
+        try:
+            with db.session() as s:
+                rows = {i.sop_instance_uid: i for i in s.execute(sa.select(Instance)).scalars()}
+        finally:
+            db.dispose()
+        for path in acked:
+            uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+            assert uid in rows, f"acknowledged {uid} has no row"
+            stored = pydicom.dcmread(spool / rows[uid].path)  # complete and readable
+            assert stored.PixelData == pydicom.dcmread(path).PixelData
+        # The sender retries the whole series: everything lands, nothing twice.
+        r = storescu(restarted.port, src)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert_landed(restarted, expected_by_series([src]))
+    finally:
+        restarted.stop()
