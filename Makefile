@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 PEERS := dcmtk orthanc dicom3tools
 PYTEST_ARGS ?=
 
-.PHONY: help venv peers services test demo lint bench bench-ingest train-demo clean
+.PHONY: help venv peers services test demo lint bench bench-ingest bench-preprocess bench-writers train-demo clean
 
 help:
 	@echo "make demo | test | lint | bench | train-demo | clean"
@@ -49,7 +49,7 @@ services:
 test: $(STAMP) peers services
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-demo: $(STAMP)
+demo: $(STAMP) peers
 	$(BIN)/ainode demo $(if $(SERIES),--series "$(SERIES)",)
 
 lint: $(STAMP)
@@ -61,6 +61,12 @@ bench: $(STAMP) peers
 
 bench-ingest: $(STAMP) peers
 	$(BIN)/python bench/bench_ingest.py
+
+bench-preprocess: $(STAMP)
+	nice -n 10 $(BIN)/python bench/bench_preprocess.py
+
+bench-writers: $(STAMP)
+	nice -n 10 $(BIN)/python bench/bench_writers.py
 
 train-demo: $(STAMP)
 	$(BIN)/ainode train-demo

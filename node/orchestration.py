@@ -23,6 +23,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import exists, func, select
@@ -81,10 +82,11 @@ DEFAULT_INTERVALS: dict[str, float] = {
 }
 
 
-def registry_model_version(pipeline: str) -> str:
+def registry_model_version(pipeline: str, *, models_dir: Path | None = None,
+                           device: str = "auto") -> str:
     """The version of the loaded pipeline (its models stay loaded for the worker)."""
     try:
-        return registry.get(pipeline).model_version()
+        return registry.get(pipeline, models_dir=models_dir, device=device).model_version()
     except ModelError as exc:
         # The job is still created; the worker records why it cannot run.
         log.warning("pipeline unavailable at routing", extra={"pipeline": pipeline,
@@ -99,10 +101,16 @@ class Services:
     config: NodeConfig
     db: Database
     store: FileStore
-    model_version_of: Callable[[str], str] = registry_model_version
+    model_version_of: Callable[[str], str] | None = None  # default: the configured models
     worker: Worker | None = None  # in-process job runner, if this process runs jobs
     send_due: Callable[[Database, FileStore, NodeConfig], Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def model_version(self, pipeline: str) -> str:
+        if self.model_version_of is not None:
+            return self.model_version_of(pipeline)
+        inf = self.config.inference
+        return registry_model_version(pipeline, models_dir=inf.models_dir, device=inf.device)
 
 
 # -- completion --------------------------------------------------------------------------
@@ -212,7 +220,7 @@ def _route_one(session: Session, services: Services, series: Series,
 
 def _version(versions: dict[str, str], services: Services, pipeline: str) -> str:
     if pipeline not in versions:  # a rule added between our two reads: rare, so inline
-        versions[pipeline] = services.model_version_of(pipeline)
+        versions[pipeline] = services.model_version(pipeline)
     return versions[pipeline]
 
 
@@ -230,7 +238,7 @@ def route_series(services: Services, *, now: datetime | None = None,
     # may load a model, and SQLite's write lock must not wait on that.
     with services.db.session() as session:
         pipelines = {spec.pipeline for _, spec in _load_rules(session) if spec.enabled}
-    versions = {p: services.model_version_of(p) for p in sorted(pipelines)}
+    versions = {p: services.model_version(p) for p in sorted(pipelines)}
     with job_store.write_session(services.db) as session:
         rules = _load_rules(session)
         enabled = [(r, s) for r, s in rules if s.enabled]

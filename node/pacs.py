@@ -192,3 +192,39 @@ def wait_instances(server: Orthanc, count: int, timeout: float = 60) -> list[str
         return ids if len(ids) >= count else []
 
     return wait_for(enough, timeout=timeout, what=f"{count} instances in Orthanc")
+
+
+class LocalStoreSCP:
+    """A minimal storage SCP that files what it receives: the demo's PACS when Orthanc is absent.
+
+    It accepts the storage SOP classes the node sends back (SEG, SR, GSPS, SC)
+    and writes each instance under ``folder``; nothing more. It is a stand-in
+    for a PACS, not a PACS.
+    """
+
+    def __init__(self, folder: Path, *, ae_title: str = "DEMOPACS") -> None:
+        self.folder = folder
+        self.ae_title = ae_title
+        self.port = free_port()
+        self._server: Any = None
+
+    def start(self) -> None:
+        from pynetdicom import AE, StoragePresentationContexts, evt
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+        def on_store(event: Any) -> int:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            ds.save_as(self.folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+            return 0x0000
+
+        ae = AE(ae_title=self.ae_title)
+        ae.supported_contexts = StoragePresentationContexts
+        self._server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                       evt_handlers=[(evt.EVT_C_STORE, on_store)])
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None

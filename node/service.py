@@ -3,8 +3,14 @@
 Start-up order is chosen for crash recovery: staging files left by a killed
 node are removed first (they were never acknowledged), the schema is brought
 to head, and only then does the port open. The scheduler runs series
-completion every second; other engineers add their periodic tasks (routing,
-job claiming, sending) to ``NodeService.scheduler`` before ``start()``.
+completion every second and the orchestration tasks (routing, requeueing
+orphaned jobs, sending results, spool retention) on their own intervals.
+
+Jobs run in a separate worker (node.worker) that claims them from the
+database. By default the node runs one in-process, on a thread, so a single
+machine needs nothing else; with ``run_jobs=False`` (``ainode serve
+--no-jobs``) the node only receives, routes and sends, and ``ainode worker``
+processes on GPU machines sharing the database run the jobs.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from datetime import UTC
 
@@ -56,7 +63,7 @@ class NodeService:
     """Owns the database, the file store, the receivers and the scheduler of one node."""
 
     def __init__(self, config: NodeConfig, *, workers: int = 1,
-                 completion_interval_s: float = 1.0) -> None:
+                 completion_interval_s: float = 1.0, run_jobs: bool = True) -> None:
         if workers < 1:
             raise ConfigError("workers must be at least 1")
         self.config = config
@@ -69,6 +76,9 @@ class NodeService:
         self.scheduler = BackgroundScheduler(timezone=UTC)
         self._receiver: Receiver | None = None
         self._children: list[subprocess.Popen[bytes]] = []
+        self.run_jobs = run_jobs
+        self._jobs_stop = threading.Event()
+        self._jobs_thread: threading.Thread | None = None
 
     @property
     def port(self) -> int:
@@ -99,8 +109,37 @@ class NodeService:
             self.complete_series, "interval", seconds=self.completion_interval_s,
             id="series-completion", max_instances=1, coalesce=True, replace_existing=True,
         )
+        self._start_orchestration()
         self.scheduler.start()
-        log.info("node started", extra={"port": self.port, "workers": self.workers})
+        log.info("node started", extra={"port": self.port, "workers": self.workers,
+                                        "run_jobs": self.run_jobs})
+
+    def _start_orchestration(self) -> None:
+        """Destinations from the config, the periodic tasks, and the local job worker."""
+        from node.orchestration import Services, register_tasks
+        from node.send import send_due
+        from node.worker import Worker
+        from storage import destinations
+
+        with self.db.session() as s:
+            destinations.sync_from_config(s, self.config.destinations, actor="config")
+        services = Services(self.config, self.db, self.store, send_due=send_due)
+        # close_series: this service completes series itself, every second.
+        # dispatch_jobs without services.worker only requeues orphaned jobs; the
+        # worker thread below claims jobs as soon as they are queued.
+        register_tasks(self.scheduler, services, {"close_series": 0})
+        if self.run_jobs:
+            worker = Worker(self.db, self.store, self.config)
+            requeued = worker.recover()
+            if requeued:
+                log.warning("requeued jobs left running by an earlier crash",
+                            extra={"jobs": requeued})
+            self._jobs_stop.clear()
+            self._jobs_thread = threading.Thread(
+                target=worker.serve, args=(self._jobs_stop,), kwargs={"poll_s": 1.0},
+                name="ainode-jobs", daemon=True,
+            )
+            self._jobs_thread.start()
 
     def _spawn_worker(self, port: int) -> subprocess.Popen[bytes]:
         request = {
@@ -132,7 +171,12 @@ class NodeService:
             return []
 
     def stop(self, grace_s: float = 10.0) -> None:
-        """Stop accepting, let stores in flight finish, stop workers, then the scheduler."""
+        """Stop accepting, let stores in flight finish, stop workers, then the scheduler.
+
+        A job still running on the local worker after ``grace_s`` is abandoned
+        with the process; its lease makes the next start requeue it.
+        """
+        self._jobs_stop.set()
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
         for proc in self._children:
@@ -151,6 +195,9 @@ class NodeService:
             if proc.stdout is not None:
                 proc.stdout.close()
         self._children = []
+        if self._jobs_thread is not None:
+            self._jobs_thread.join(timeout=grace_s)
+            self._jobs_thread = None
         self.db.dispose()
         log.info("node stopped")
 

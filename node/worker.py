@@ -263,7 +263,8 @@ class Worker:
             plan = self._plan(job_id)
             run.plan = plan
             self._stage(run, job_id, "load")
-            pipeline = registry.get(plan.pipeline)
+            inf = self.config.inference
+            pipeline = registry.get(plan.pipeline, models_dir=inf.models_dir, device=inf.device)
             volume, sources = self._load(list(plan.paths), pipeline.min_slices, plan.kinds)
             self._stage(run, job_id, "infer")
             t0 = time.monotonic()

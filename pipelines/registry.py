@@ -2,14 +2,18 @@
 
 A pipeline module registers a factory under its name (``pancreas-ct``,
 ``pancreas-mr``); the node asks the registry for it when a job runs. Models
-stay loaded between jobs because the registry keeps the built instance.
+stay loaded between jobs because the registry keeps the built instance, one
+per (name, models directory, device): the configuration decides where the
+weights come from and where they run, never the pipeline module.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Protocol
 
 from node.errors import ModelError
@@ -29,10 +33,12 @@ class Pipeline(Protocol):
     def run(self, volume: object) -> AnalysisResult: ...
 
 
-Factory = Callable[[], Pipeline]
+# A factory takes ``models_dir`` (None: the shipped weights) and ``device``
+# keyword arguments; one that takes none (a test's) is called without them.
+Factory = Callable[..., Pipeline]
 
 _factories: dict[str, Factory] = {}
-_instances: dict[str, Pipeline] = {}
+_instances: dict[tuple[str, str, str], Pipeline] = {}
 _lock = threading.Lock()
 # Modules whose import registers the built-in pipelines.
 _BUILTIN_MODULES: tuple[str, ...] = ("pipelines.pancreas",)
@@ -60,12 +66,17 @@ def available() -> list[str]:
     return sorted(_factories)
 
 
-def get(name: str) -> Pipeline:
-    """The loaded pipeline ``name`` (built once per process, then reused)."""
+def get(name: str, *, models_dir: Path | None = None, device: str = "auto") -> Pipeline:
+    """The loaded pipeline ``name`` (built once per process and settings, then reused)."""
     _load_builtins()
+    key = (name, str(models_dir or ""), device)
     with _lock:
-        if name not in _instances:
+        if key not in _instances:
             if name not in _factories:
                 raise ModelError(f"unknown pipeline {name!r}; known: {', '.join(available())}")
-            _instances[name] = _factories[name]()
-        return _instances[name]
+            factory = _factories[name]
+            if inspect.signature(factory).parameters:
+                _instances[key] = factory(models_dir=models_dir, device=device)
+            else:
+                _instances[key] = factory()
+        return _instances[key]

@@ -1,28 +1,28 @@
-"""``ainode demo``: the node's main job on the embedded default, start to finish."""
+"""``ainode demo``: the node's main job on the embedded default, PACS to PACS."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from node.cli.context import get
-from storage import migrate
 
 
 def demo(
     ctx: typer.Context,
-    series: Path | None = typer.Option(None, "--series", help="folder of DICOM files to send"),
+    series: Annotated[Path | None, typer.Option(
+        "--series", help="folder of DICOM files of one series (default: a synthetic phantom CT "
+        "with a lesion)")] = None,
+    timeout_s: Annotated[float, typer.Option(
+        "--timeout", help="seconds to wait for the results", min=10)] = 1800.0,
 ) -> None:
-    """Run the node end to end on the embedded default and print what happened."""
+    """Send a CT study through a local PACS to the node and back; print what happened."""
+    from node.demo import print_report, run_demo  # heavy imports only when it runs
+
     app = get(ctx)
-    cfg = app.config
-    rev = migrate.upgrade(app.db)
-    store = app.filestore()
-    typer.echo(f"database  {app.db.safe_url} (schema {rev})")
-    typer.echo(f"spool     {store.spool}")
-    typer.echo(f"results   {store.results}")
-    typer.echo(f"free      {store.free_bytes() // 2**20} MB (floor {cfg.storage.min_free_mb} MB)")
-    typer.echo(f"dicom     AE {cfg.dicom.ae_title} on {cfg.dicom.host}:{cfg.dicom.port}")
-    if series is not None:
-        typer.echo(f"series    {series} (sending needs the receiver; not built yet)")
+    report = run_demo(app.config, series_dir=series, say=typer.echo, timeout_s=timeout_s)
+    print_report(report, say=typer.echo)
+    if report.job_state != "done":
+        raise typer.Exit(1)

@@ -26,10 +26,16 @@ def serve(
         typer.Option("--workers", "-w", min=1, max=16,
                      help="receiver processes sharing the port (default: one per core, max 4)"),
     ] = None,
+    no_jobs: Annotated[
+        bool,
+        typer.Option("--no-jobs", help="do not run jobs here; separate `ainode worker` "
+                     "processes (e.g. on GPU machines) claim them from the database"),
+    ] = False,
 ) -> None:
-    """Receive DICOM (C-ECHO, C-STORE) and assemble series until stopped."""
+    """Receive DICOM, assemble and route series, run jobs and send results until stopped."""
     app = get(ctx)
-    service = NodeService(app.config, workers=workers or default_workers())
+    service = NodeService(app.config, workers=workers or default_workers(),
+                          run_jobs=not no_jobs)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -1,0 +1,86 @@
+"""PNG slices of a received series with the node's outlines and finding text.
+
+Why: an engineer checking a result should not need a DICOM viewer. The slices
+come from the spool, the outlines from the newest SEG the node wrote for the
+series, the text from that job's findings; drawing is the same code that
+burns the Secondary Capture overlay. Used by ``ainode render`` and the demo.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+from sqlalchemy import select
+
+from node.errors import InputError, StorageError
+from storage.db import Database
+from storage.filestore import FileStore
+from storage.models import Finding, Instance, Job, Output, Series
+
+__all__ = ["legend_lines", "render_series"]
+
+
+def _sort_key(ds: pydicom.Dataset) -> tuple[float, int]:
+    """Position along the slice normal (not InstanceNumber, which may run backwards)."""
+    iop = ds.get("ImageOrientationPatient")
+    ipp = ds.get("ImagePositionPatient")
+    if iop is not None and ipp is not None:
+        normal = np.cross(np.array(iop[:3], float), np.array(iop[3:], float))
+        return float(np.dot(normal, np.array(ipp, float))), 0
+    return 0.0, int(ds.get("InstanceNumber") or 0)
+
+
+def legend_lines(findings: list[Finding]) -> list[str]:
+    lines = []
+    for f in sorted(findings, key=lambda f: (f.kind != "patient", f.id)):
+        if f.kind == "patient":
+            prob = f"{f.probability:.2f}" if f.probability is not None else "n/a"
+            lines.append(f"{f.label}: probability {prob}")
+        else:
+            where = f"pancreatic {f.location}" if f.location else "pancreas region"
+            size = f"{f.diameter_mm:.0f} mm" if f.diameter_mm is not None else "size n/a"
+            prob = f"{f.probability:.2f}" if f.probability is not None else "n/a"
+            lines.append(f"Lesion in {where}, {size}, probability {prob}")
+    return lines
+
+
+def render_series(db: Database, store: FileStore, series_uid: str, out: Path, *,
+                  all_slices: bool = False) -> list[Path]:
+    """Write the PNGs; returns their paths. InputError for an unknown or empty series."""
+    from pipelines.dicom_out.render import Layer, masks_from_seg, render_pngs
+
+    with db.session() as s:
+        series = s.scalars(select(Series).where(Series.series_instance_uid == series_uid)
+                           ).one_or_none()
+        if series is None:
+            raise InputError(f"no series {series_uid!r} in the database")
+        paths = [i.path for i in s.scalars(select(Instance).where(Instance.series_id ==
+                                                                    series.id))]
+        seg_row = s.execute(
+            select(Output, Job).join(Job, Output.job_id == Job.id)
+            .where(Job.series_id == series.id, Output.kind == "SEG")
+            .order_by(Output.created_at.desc(), Output.id.desc()).limit(1)
+        ).first()
+        seg_path = seg_row[0].path if seg_row else None
+        findings = list(s.scalars(select(Finding).where(Finding.job_id == seg_row[1].id))
+                        ) if seg_row else []
+        legend = legend_lines(findings)
+    if not paths:
+        raise InputError(f"series {series_uid} has no stored instances")
+    try:
+        sources = sorted((pydicom.dcmread(store.spool_path(p)) for p in paths), key=_sort_key)
+    except (OSError, InvalidDicomError) as exc:
+        raise StorageError(f"cannot read an instance of {series_uid}: {exc}") from exc
+    layers: list[Layer] = []
+    if seg_path is not None:
+        seg = pydicom.dcmread(store.result_path(seg_path))
+        layers = masks_from_seg(seg, [str(d.SOPInstanceUID) for d in sources])
+        if not legend:
+            legend = [layer.label for layer in layers]
+    else:
+        legend = ["no segmentation written for this series"]
+        all_slices = True
+    return list(render_pngs(sources, layers, legend, out, all_slices=all_slices))
