@@ -1,6 +1,7 @@
 """Ingest benchmark: dcmtk storescu -> the node, dcmtk storescp and Orthanc, side by side.
 
     .venv/bin/python bench/bench_ingest.py [--runs 3] [--workers N] [--skip-real]
+        [--slices 300] [--only SUBSTRING]    # e.g. --skip-real --only "4 senders"
 
 Every receiver is fresh for every run (new data directory, so no run is a
 duplicate of the last) and the three are measured in alternation, so a noisy
@@ -154,6 +155,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)))
     ap.add_argument("--slices", type=int, default=300)
     ap.add_argument("--skip-real", action="store_true")
+    ap.add_argument("--only", default="", help="run only the cases whose name contains this")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     peak: list[int] = []
@@ -168,6 +170,7 @@ def main() -> None:
                       [make_series(root / "s0", args.slices, src)]))
         cases.append((f"synthetic CT {args.slices}x512^2, 4 senders",
                       [make_series(root / f"s4-{i}", args.slices, src) for i in range(4)]))
+        cases = [c for c in cases if args.only in c[0]]
         targets: dict[str, Callable[[Path], object]] = {
             "node": lambda t: node_target(t, args.workers, peak),
             "orthanc": orthanc_target,

@@ -182,3 +182,37 @@ def test_enhanced_and_classic_share_one_series_and_study_grouping_holds(
     studies = {s.study_uid: s for s in list_studies(any_db)}
     assert len(studies) == 2
     assert studies[str(enhanced.StudyInstanceUID)].instance_count == 41
+
+
+def test_concurrent_associations_share_commits_and_each_instance_is_recorded_once(
+    any_db: Database, filestore: FileStore
+) -> None:
+    """Group commit under a race: every instance sent twice, at once, from eight threads.
+
+    Each store must come back STORED or DUPLICATE, exactly one STORED per SOP
+    instance, and the counters, rows and audit rows must agree afterwards.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    ingestor = Ingestor(any_db, filestore)
+    datas = [f.read_bytes() for f in _files("ct_phantom_philips")]
+    ts = _ts(datas[0])
+    try:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            results = list(pool.map(
+                lambda d: ingestor.ingest(d, transfer_syntax_uid=ts, peer=PEER),
+                [d for d in datas for _ in range(2)],
+            ))
+    finally:
+        ingestor.close()
+    stored = [r for r in results if r.outcome is IngestOutcome.STORED]
+    assert len(stored) == len(datas)
+    assert len(results) - len(stored) == len(datas)
+    with any_db.session() as s:
+        series = s.execute(sa.select(Series)).scalar_one()
+        n_rows = s.execute(sa.select(sa.func.count()).select_from(Instance)).scalar_one()
+    assert series.instance_count == n_rows == len(datas)
+    assert series.size_bytes == sum(len(d) for d in datas)
+    assert len(_events(any_db, "instance.received")) == len(datas)
+    assert len(_events(any_db, "instance.duplicate")) == len(datas)
+    assert len(list(filestore.spool.rglob("*.dcm"))) == len(datas)

@@ -41,7 +41,8 @@ def run_worker(config: NodeConfig, port: int, stop: threading.Event, parent_pid:
     store = FileStore(s.data_dir, spool_dir=s.spool_dir, results_dir=s.results_dir,
                       min_free_mb=s.min_free_mb)
     settings = ReceiverSettings.from_config(config.dicom)
-    receiver = Receiver(replace(settings, port=port), Ingestor(db, store), reuse_port=True)
+    ingestor = Ingestor(db, store)
+    receiver = Receiver(replace(settings, port=port), ingestor, reuse_port=True)
     receiver.start()
     print(f"ready {os.getpid()}", flush=True)
     try:
@@ -51,6 +52,7 @@ def run_worker(config: NodeConfig, port: int, stop: threading.Event, parent_pid:
                 break
     finally:
         receiver.stop()
+        ingestor.close()
         db.dispose()
 
 
