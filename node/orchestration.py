@@ -195,6 +195,11 @@ def _route_one(session: Session, services: Services, series: Series,
         return RoutingOutcome(series.series_instance_uid, tuple(evaluations), (), ())
     created: list[int] = []
     existing: list[int] = []
+    # The routing decision is recorded before the jobs it creates, so the audit
+    # trail reads in causal order: ... -> series.routed -> job.created -> ...
+    routed = audit(session, "series.routed", actor="scheduler", study_uid=study_uid,
+                   series_uid=series_uid, rules=[rule_key(r) for r, _ in matched])
+    session.flush()
     for row, spec in matched:
         req = job_store.JobRequest(
             pipeline=spec.pipeline,
@@ -208,10 +213,7 @@ def _route_one(session: Session, services: Services, series: Series,
     if series.completed_at is None:
         series.completed_at = now
     series.state = SeriesState.ROUTED
-    audit(session, "series.routed", actor="scheduler", study_uid=study_uid,
-          series_uid=series_uid,
-          rules=[rule_key(r) for r, _ in matched], jobs_created=created,
-          jobs_existing=existing)
+    routed.details = {**routed.details, "jobs_created": created, "jobs_existing": existing}
     log.info("series routed", extra={"series_uid": series.series_instance_uid,
                                      "jobs_created": created, "jobs_existing": existing})
     return RoutingOutcome(series.series_instance_uid, tuple(evaluations), tuple(created),

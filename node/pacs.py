@@ -173,6 +173,10 @@ def orthanc(
     server = Orthanc(aet, dicom_port, http_port, workdir, proc)
     try:
         wait_for(lambda: _wait_http(server.url, proc, log), timeout=60, what="Orthanc to start")
+        # With DicomModalitiesInDatabase, Orthanc takes its peers from its database
+        # only (the config file's list is ignored): declare them through REST.
+        for name, (peer_aet, host, port) in (modalities or {}).items():
+            server.add_modality(name, peer_aet, port, host)
         yield server
     finally:
         if proc.poll() is None:

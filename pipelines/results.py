@@ -38,6 +38,14 @@ class AlgorithmInfo:
     manufacturer: str = "dicom-ai-node"
     intended_use: str = "research use only; not for clinical use"
 
+    def __post_init__(self) -> None:
+        # Written as DICOM LO (AlgorithmName, AlgorithmVersion, Manufacturer): a
+        # longer value would fail only at the write stage, after inference.
+        for key in ("name", "version", "manufacturer"):
+            value = getattr(self, key)
+            if not value or len(value) > 64:
+                raise ValueError(f"AlgorithmInfo.{key} must be 1-64 characters: {value!r}")
+
 
 @dataclass(frozen=True, slots=True)
 class Lesion:

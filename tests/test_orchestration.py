@@ -118,7 +118,7 @@ def test_routing_creates_one_job_per_matched_rule_and_records_unmatched(
     (again,) = route_series(svc)
     assert again.jobs_created == () and len(again.jobs_existing) == 2
     assert len(jobs_of(any_db, ct)) == 2
-    assert events(any_db, ct) == ["job.created", "job.created", "series.routed", "series.routed"]
+    assert events(any_db, ct) == ["series.routed", "job.created", "job.created", "series.routed"]
 
 
 def test_per_rule_stable_age(sqlite_db: Database, filestore: FileStore) -> None:
@@ -163,7 +163,7 @@ def test_series_received_while_down_is_completed_and_routed(
     assert close_series(svc) == 1
     (outcome,) = route_series(svc)
     assert len(outcome.jobs_created) == 1
-    assert events(sqlite_db, uid) == ["series.completed", "job.created", "series.routed"]
+    assert events(sqlite_db, uid) == ["series.completed", "series.routed", "job.created"]
 
 
 def test_spool_retention_never_deletes_unfinished_work(
@@ -231,5 +231,5 @@ def test_scheduler_drives_a_series_from_arrival_to_done(
     with sqlite_db.session() as s:
         uid = s.get_one(Series, series_id).series_instance_uid
         assert s.scalar(select(func.count()).select_from(Job)) == 1
-    assert events(sqlite_db, uid)[:3] == ["series.completed", "job.created", "series.routed"]
+    assert events(sqlite_db, uid)[:3] == ["series.completed", "series.routed", "job.created"]
     assert job_store.requeue_expired(sqlite_db) == []

@@ -1,9 +1,15 @@
 """Presentation contexts the receiver accepts: image storage and verification.
 
 Why an explicit list rather than pynetdicom's ``AllStoragePresentationContexts``:
-the node analyses images; an RT plan or a report sent to it is a routing
-mistake at the PACS, and refusing it at negotiation tells the sender at once
-instead of acknowledging an object nobody will read.
+the node analyses images; an RT plan or a free-text report sent to it is a
+routing mistake at the PACS, and refusing it at negotiation tells the sender
+at once instead of acknowledging an object nobody will read.
+
+The result objects that travel inside imaging studies (segmentations,
+structured measurement reports, presentation states: the node's own and other
+AI products') are accepted too. A PACS that forwards a whole study after the
+node has answered sends them back; refusing them would fail the PACS's whole
+transfer. They are stored, and routing rules on Modality leave them alone.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from pynetdicom.presentation import PresentationContext
 
 __all__ = [
     "IMAGE_STORAGE_SOP_CLASSES",
+    "RESULT_STORAGE_SOP_CLASSES",
     "TRANSFER_SYNTAXES",
     "prefer_requestor_order",
     "supported_contexts",
@@ -49,6 +56,14 @@ IMAGE_STORAGE_SOP_CLASSES: dict[str, str] = {
     "XRayRadiofluoroscopicImageStorage": "1.2.840.10008.5.1.4.1.1.12.2",
 }
 
+RESULT_STORAGE_SOP_CLASSES: dict[str, str] = {
+    "SegmentationStorage": "1.2.840.10008.5.1.4.1.1.66.4",
+    "Comprehensive3DSRStorage": "1.2.840.10008.5.1.4.1.1.88.34",
+    "ComprehensiveSRStorage": "1.2.840.10008.5.1.4.1.1.88.33",
+    "EnhancedSRStorage": "1.2.840.10008.5.1.4.1.1.88.22",
+    "GrayscaleSoftcopyPresentationStateStorage": "1.2.840.10008.5.1.4.1.1.11.1",
+}
+
 # Stored as received, never transcoded: the node accepts what scanners send.
 TRANSFER_SYNTAXES: tuple[str, ...] = (
     uid.ExplicitVRLittleEndian,
@@ -70,11 +85,12 @@ VERIFICATION = "1.2.840.10008.1.1"
 
 
 def supported_contexts() -> list[PresentationContext]:
-    """Verification plus every image storage class, each with every transfer syntax."""
+    """Verification plus every image and result storage class, each with every syntax."""
     contexts = [build_context(VERIFICATION, [uid.ExplicitVRLittleEndian,
                                              uid.ImplicitVRLittleEndian])]
     contexts += [build_context(sop, list(TRANSFER_SYNTAXES))
-                 for sop in IMAGE_STORAGE_SOP_CLASSES.values()]
+                 for sop in (*IMAGE_STORAGE_SOP_CLASSES.values(),
+                             *RESULT_STORAGE_SOP_CLASSES.values())]
     return contexts
 
 

@@ -128,8 +128,9 @@ def echo(destination: Destination, config: NodeConfig | None = None) -> bool:
 class _Item:
     transfer_id: int
     output_id: int
-    sop_instance_uid: str
-    series_uid: str
+    sop_instance_uid: str  # of the output object
+    output_series_uid: str  # the SEG/SR/... series the node wrote
+    series_uid: str | None  # the source series: the audit trail is keyed by it
     study_uid: str | None
     job_id: int
     path: str
@@ -148,9 +149,11 @@ def _due(db: Database, now: datetime) -> dict[int, list[_Item]]:
         ).all()
         grouped: dict[int, list[_Item]] = defaultdict(list)
         for t, out in rows:
-            study = out.job.series.study.study_instance_uid if out.job.series else None
+            source = out.job.series
             grouped[t.destination_id].append(_Item(
-                t.id, out.id, out.sop_instance_uid, out.series_instance_uid, study,
+                t.id, out.id, out.sop_instance_uid, out.series_instance_uid,
+                source.series_instance_uid if source else None,
+                source.study.study_instance_uid if source else None,
                 out.job_id, out.path, t.attempts))
         return dict(grouped)
 
@@ -165,7 +168,8 @@ def _record(db: Database, item: _Item, dest_name: str, *, ok: bool, status: int 
         t.attempts += 1
         t.last_status = status
         ids: dict[str, Any] = {"study_uid": item.study_uid, "series_uid": item.series_uid,
-               "sop_instance_uid": item.sop_instance_uid, "job_id": item.job_id}
+               "sop_instance_uid": item.sop_instance_uid, "job_id": item.job_id,
+               "output_series_uid": item.output_series_uid}
         if ok:
             t.state = TransferState.SENT
             t.sent_at = now

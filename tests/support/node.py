@@ -79,7 +79,8 @@ def start_node(tmp: Path, *, min_free_mb: int = 0, workers: int = 2,
     cfg = tmp / "node.yaml"
     cfg.write_text(yaml.safe_dump({
         "dicom": {"ae_title": "AINODE", "host": "127.0.0.1", "port": port,
-                  "allowed_callers": list(callers or CALLERS)},
+                  # ECHOSCU: the readiness probe below.
+                  "allowed_callers": sorted({*(callers or CALLERS), "ECHOSCU"})},
         "storage": {"data_dir": str(data_dir), "min_free_mb": min_free_mb},
         "series": {"stable_age_s": stable_age_s},
         "logging": {"level": "INFO"},
