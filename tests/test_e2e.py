@@ -194,3 +194,64 @@ def test_real_abdominal_ct_round_trip(loop: Loop, tmp_path: Path) -> None:
     finally:
         db.dispose()
     assert "patient" in kinds  # a well-formed result: a score, pancreas found or not
+
+
+def test_node_killed_mid_job_finishes_it_exactly_once_after_restart(tmp_path: Path) -> None:
+    from pipelines.phantom.generator import PhantomSpec, generate
+    from pipelines.phantom.io import write_dicom_series
+    from storage.models import Output, Transfer
+
+    files = write_dicom_series(
+        generate(PhantomSpec(seed=777003, contrast="ct", diagnosis="PDAC",
+                             lesion_diameter_mm=20.0)), tmp_path / "phantom", seed=777003)
+    series_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    node_port = free_port()
+    with orthanc(tmp_path / "pacs", aet=PACS_AET,
+                 modalities={"ainode": ("AINODE", "127.0.0.1", node_port)}) as pacs:
+        settings = {
+            "port": node_port, "workers": 1, "callers": [PACS_AET], "stable_age_s": 1.0,
+            "data_dir": tmp_path / "node-data",
+            "extra": {"destinations": [{"name": "pacs", "ae_title": PACS_AET,
+                                        "host": "127.0.0.1", "port": pacs.dicom_port,
+                                        "accepts": ["SEG", "SR", "GSPS"]}]},
+        }
+        node = start_node(tmp_path, **settings)  # type: ignore[arg-type]
+        try:
+            add = node.ainode("rules", "add", "abdomen-ct", "--when", "Modality=CT",
+                              "--pipeline", "pancreas-ct", "--send-to", "pacs")
+            assert add.returncode == 0, add.stderr
+            _push(pacs, files)
+            wait_for(lambda: any(j.state is JobState.RUNNING for j in _jobs(node, series_uid)),
+                     timeout=300, interval=0.05, what="the job to start running")
+        finally:
+            node.kill_all()  # SIGKILL the whole node while the job runs
+        (job,) = _jobs(node, series_uid)
+        assert job.state is JobState.RUNNING  # the crash left it running, not done
+
+        node = start_node(tmp_path, **settings)  # type: ignore[arg-type]
+        try:
+            def delivered() -> Job | None:
+                (j,) = _jobs(node, series_uid)
+                return j if j.state is JobState.DONE and j.turnaround_s is not None else None
+
+            done = wait_for(delivered, timeout=600, interval=1, what="the requeued job")
+        finally:
+            node.stop()
+        assert done.id == job.id and done.attempts == 2
+        db = node.db
+        try:
+            with db.session() as s:
+                outputs = list(s.scalars(sa.select(Output).where(Output.job_id == job.id)))
+                transfers = list(s.scalars(sa.select(Transfer).join(Output)
+                                           .where(Output.job_id == job.id)))
+        finally:
+            db.dispose()
+        assert sorted(o.kind for o in outputs) == ["GSPS", "SEG", "SR"]
+        assert len(transfers) == 3
+        events = _events(node, series_uid)
+        assert events.count("job.created") == 1 and events.count("job.done") == 1
+        assert "job.requeued" in events
+        mods = _modalities(pacs, pacs.post("/tools/find", {
+            "Level": "Study", "Query": {"StudyInstanceUID": str(
+                pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)}})[0])
+        assert len(mods["SEG"]) == 1 and len(mods["SR"]) == 1 and len(mods["PR"]) == 1
