@@ -314,7 +314,7 @@ def print_report(report: DemoReport, say: Say = print) -> None:
     say(f"job {report.job_id}: {report.job_state}")
     for f in report.findings:
         if f["kind"] == "patient":
-            say(f"  patient   {f['label']}: probability {f['probability']:.2f}")
+            say(f"  patient   {f['label']}: {f['probability']:.2f}")
         elif f["kind"] == "lesion":
             say(f"  lesion    {f['label']} in pancreatic {f['location'] or '?'}: "
                 f"{f['diameter_mm']:.0f} mm, {f['volume_ml']:.1f} ml, "

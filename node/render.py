@@ -38,7 +38,7 @@ def legend_lines(findings: list[Finding]) -> list[str]:
     for f in sorted(findings, key=lambda f: (f.kind != "patient", f.id)):
         if f.kind == "patient":
             prob = f"{f.probability:.2f}" if f.probability is not None else "n/a"
-            lines.append(f"{f.label}: probability {prob}")
+            lines.append(f"{f.label}: {prob}")
         else:
             where = f"pancreatic {f.location}" if f.location else "pancreas region"
             size = f"{f.diameter_mm:.0f} mm" if f.diameter_mm is not None else "size n/a"
