@@ -98,7 +98,13 @@ def start_node(tmp: Path, *, min_free_mb: int = 0, workers: int = 2,
             raise RuntimeError(f"node exited {proc.returncode}: {log.read_text()[-3000:]}")
         return "listening" in log.read_text() and echo_ok(port)
 
-    wait_for(ready, timeout=ready_timeout, what="ainode serve to listen")
+    try:
+        wait_for(ready, timeout=ready_timeout, what="ainode serve to listen")
+    except BaseException:
+        if proc.poll() is None:  # never leave a node running behind a failed start
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        raise
     return node
 
 
