@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 PEERS := dcmtk orthanc dicom3tools
 PYTEST_ARGS ?=
 
-.PHONY: help venv peers services test demo lint bench bench-ingest bench-preprocess bench-writers train-demo clean
+.PHONY: help venv peers services test demo lint bench bench-ingest bench-preprocess bench-writers bench-pipeline train-demo clean
 
 help:
 	@echo "make demo | test | lint | bench | train-demo | clean"
@@ -68,8 +68,13 @@ bench-preprocess: $(STAMP)
 bench-writers: $(STAMP)
 	nice -n 10 $(BIN)/python bench/bench_writers.py
 
+bench-pipeline: $(STAMP)
+	$(BIN)/python bench/bench_pipeline.py
+
+# Demo weights: phantoms + stage 1, stage 2, slice classifier, MR variant (about an hour
+# on 2 cores); resumes from data/train-demo after an interruption.
 train-demo: $(STAMP)
-	$(BIN)/ainode train-demo
+	OMP_NUM_THREADS=1 $(BIN)/ainode train-demo --work data/train-demo
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .ruff_cache .mypy_cache

@@ -15,7 +15,23 @@ from typing import Annotated
 import typer
 
 from node import __version__
-from node.cli import config_cmd, db_cmd, demo_cmd
+from node.cli import (
+    audit_cmd,
+    config_cmd,
+    db_cmd,
+    demo_cmd,
+    destinations_cmd,
+    evaluate_cmd,
+    jobs_cmd,
+    models_cmd,
+    render_cmd,
+    rules_cmd,
+    serve_cmd,
+    status_cmd,
+    studies_cmd,
+    train_cmd,
+    worker_cmd,
+)
 from node.cli.context import AppContext
 from node.errors import ConfigError, InputError, NodeError
 
@@ -31,6 +47,21 @@ app = typer.Typer(
 app.add_typer(db_cmd.app, name="db")
 app.add_typer(config_cmd.app, name="config")
 app.command("demo")(demo_cmd.demo)
+app.command("serve")(serve_cmd.serve)
+app.add_typer(studies_cmd.studies_app, name="studies")
+app.add_typer(studies_cmd.series_app, name="series")
+app.add_typer(rules_cmd.app, name="rules")
+app.add_typer(jobs_cmd.app, name="jobs")
+app.command("reprocess")(jobs_cmd.reprocess)
+app.add_typer(audit_cmd.app, name="audit")
+app.command("status")(status_cmd.status)
+app.command("worker")(worker_cmd.worker)
+app.add_typer(destinations_cmd.app, name="destinations")
+app.command("render")(render_cmd.render)
+app.add_typer(models_cmd.app, name="models")
+app.command("train")(train_cmd.train)
+app.command("train-demo")(train_cmd.train_demo)
+app.command("evaluate")(evaluate_cmd.evaluate)
 
 
 def _version(value: bool) -> None:

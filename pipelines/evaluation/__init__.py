@@ -1,0 +1,1 @@
+"""Evaluation of the pancreas pipelines on a labelled folder (PANORAMA metrics)."""

@@ -1,0 +1,279 @@
+"""Model packages: a folder with ``model.yaml`` (the manifest) and the weights.
+
+Why a manifest: the node must know, before it runs a model on a patient's
+scan, what the model expects (modality, spacing, patch size, intensity
+preset), what it outputs, where it came from and what it may be used for.
+The weights' sha256 is in the manifest and is checked before torch ever
+reads the file, so a swapped or truncated weight file is refused, never run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from torch import nn
+
+from node.errors import ModelError
+from pipelines.models.networks import build
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "MANIFEST",
+    "LoadedModel",
+    "Manifest",
+    "find_packages",
+    "load_package",
+    "read_manifest",
+    "sha256_file",
+    "verify_package",
+    "write_package",
+]
+
+MANIFEST = "model.yaml"
+Task = Literal["pancreas-localisation", "lesion-detection", "slice-classification"]
+WeightFormat = Literal["state_dict", "torchscript", "nnunetv2"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Architecture(_Strict):
+    name: str  # a name registered in pipelines.models.networks (or nnunetv2)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class InputContract(_Strict):
+    modality: Literal["CT", "MR"]
+    spacing_mm: tuple[float, float, float]  # (x, y, z)
+    patch_size: tuple[int, int, int]  # (z, y, x)
+    intensity_preset: str  # ct_pancreas | mr_t1 | ct_range
+    intensity_window: tuple[float, float] | None = None  # for ct_range: HU mapped to 0..1
+    orientation: str = "LPS"
+
+
+class Weights(_Strict):
+    file: str
+    sha256: str
+    format: WeightFormat = "state_dict"
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, v: str) -> str:
+        if len(v) != 64 or any(c not in "0123456789abcdef" for c in v):
+            raise ValueError("sha256 must be 64 lower-case hex digits")
+        return v
+
+    @field_validator("file")
+    @classmethod
+    def _inside(cls, v: str) -> str:
+        if Path(v).is_absolute() or ".." in Path(v).parts:
+            raise ValueError("weights file must be a relative path inside the package")
+        return v
+
+
+class Training(_Strict):
+    provenance: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+
+class Manifest(_Strict):
+    name: str
+    version: str
+    task: Task
+    architecture: Architecture
+    input: InputContract
+    labels: list[str]
+    outputs: str
+    weights: Weights
+    training: Training = Field(default_factory=Training)
+    intended_use: str
+    source: str = "ainode"  # ainode | monai-bundle | nnunetv2
+
+
+@dataclass
+class LoadedModel:
+    manifest: Manifest
+    module: nn.Module
+    path: Path
+    device: torch.device
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_tree(path: Path) -> str:
+    """Hash of a folder (nnU-Net results): relative names and contents, sorted."""
+    h = hashlib.sha256()
+    for p in sorted(q for q in path.rglob("*") if q.is_file()):
+        h.update(str(p.relative_to(path)).encode())
+        h.update(sha256_file(p).encode())
+    return h.hexdigest()
+
+
+def read_manifest(pkg: Path) -> Manifest:
+    f = pkg / MANIFEST
+    if not f.is_file():
+        raise ModelError(f"{pkg}: no {MANIFEST}; not a model package")
+    try:
+        data = yaml.safe_load(f.read_text())
+        return Manifest.model_validate(data)
+    except yaml.YAMLError as exc:
+        raise ModelError(f"{f}: not valid YAML: {exc}") from exc
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        raise ModelError(f"{f}: invalid manifest at {where}: {first['msg']}") from exc
+
+
+def verify_package(pkg: Path) -> Manifest:
+    """The manifest, after checking that the weights are exactly those it names."""
+    m = read_manifest(pkg)
+    wf = pkg / m.weights.file
+    if not wf.exists():
+        raise ModelError(f"{pkg.name}: weights file {m.weights.file} is missing")
+    actual = sha256_tree(wf) if wf.is_dir() else sha256_file(wf)
+    if actual != m.weights.sha256:
+        raise ModelError(
+            f"{pkg.name}: weights hash mismatch (manifest {m.weights.sha256[:12]}…, "
+            f"file {actual[:12]}…); refusing to load"
+        )
+    return m
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto``: CUDA when present (the pipeline then runs under autocast), else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ModelError(f"unknown device {device!r}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError("device 'cuda' requested but CUDA is not available")
+    return dev
+
+
+def load_package(pkg: Path, device: str = "auto") -> LoadedModel:
+    """Verify, build and load a package; the module is in eval mode on ``device``."""
+    m = verify_package(pkg)
+    dev = resolve_device(device)
+    wf = pkg / m.weights.file
+    try:
+        if m.weights.format == "torchscript":
+            module: nn.Module = torch.jit.load(str(wf), map_location=dev)
+        elif m.weights.format == "nnunetv2":
+            from pipelines.models.nnunet import load_nnunet
+
+            module = load_nnunet(wf, m, dev)
+        else:
+            if m.source == "monai-bundle":
+                from pipelines.models.bundle import build_bundle_network
+
+                module = build_bundle_network(m.architecture.name, m.architecture.params)
+            else:
+                module = build(m.architecture.name, m.architecture.params)
+            state = torch.load(wf, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and "state_dict" in state and len(state) <= 4:
+                state = state["state_dict"]
+            module.load_state_dict(state)
+    except ModelError:
+        raise
+    except (RuntimeError, OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{pkg.name}: cannot load weights: {exc}") from exc
+    module.to(dev).eval()
+    log.info("loaded model %s %s on %s", m.name, m.version, dev)
+    return LoadedModel(m, module, pkg, dev)
+
+
+INTENDED_USE_DEMO = (
+    "DEMO WEIGHTS trained only on synthetic phantoms generated by pipelines.phantom. "
+    "NOT FOR CLINICAL USE: not validated on patient data; for testing the node's plumbing, "
+    "training and evaluation code only."
+)
+
+
+def write_package(
+    out: Path,
+    recipe: Any,
+    state_dict: dict[str, torch.Tensor],
+    provenance: dict[str, Any],
+    *,
+    version: str = "0.1.0-demo",
+    metrics: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model.yaml`` + ``weights.pt`` (fp32 state dict) + a model card."""
+    out.mkdir(parents=True, exist_ok=True)
+    wf = out / "weights.pt"
+    tmp = out / "weights.pt.tmp"
+    torch.save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, tmp)
+    tmp.replace(wf)
+    manifest = Manifest(
+        name=recipe.package,
+        version=version,
+        task=recipe.task,
+        architecture=Architecture(name=recipe.arch, params=dict(recipe.params)),
+        input=InputContract(
+            modality=recipe.modality, spacing_mm=recipe.spacing,
+            patch_size=recipe.patch_zyx, intensity_preset=recipe.preset,
+        ),
+        labels=list(recipe.labels),
+        outputs=recipe.outputs,
+        weights=Weights(file="weights.pt", sha256=sha256_file(wf)),
+        training=Training(provenance=provenance, metrics=metrics or {}),
+        intended_use=INTENDED_USE_DEMO,
+    )
+    write_manifest(out, manifest)
+    (out / "MODEL_CARD.md").write_text(_card(manifest))
+    return out
+
+
+def write_manifest(out: Path, manifest: Manifest) -> None:
+    data = manifest.model_dump(mode="json")
+    (out / MANIFEST).write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def _card(m: Manifest) -> str:
+    return (
+        f"# {m.name} {m.version}\n\n"
+        f"**Trained on synthetic phantoms only. Not for clinical use.**\n\n"
+        f"- Task: {m.task}\n- Architecture: {m.architecture.name} {m.architecture.params}\n"
+        f"- Input: {m.input.modality}, spacing {m.input.spacing_mm} mm, patch "
+        f"{m.input.patch_size} (z, y, x), intensity preset {m.input.intensity_preset}\n"
+        f"- Labels: {', '.join(m.labels)}\n- Outputs: {m.outputs}\n"
+        f"- Training: {m.training.provenance}\n\n{m.intended_use}\n\n"
+        "Reproduce with `make train-demo`; evaluate with `ainode evaluate`.\n"
+    )
+
+
+def find_packages(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted(p.parent for p in root.glob(f"*/{MANIFEST}"))
+
+
+def import_package(src: Path, models_dir: Path, *, force: bool = False) -> Path:
+    """Copy a verified package into ``models_dir`` under its manifest name."""
+    m = verify_package(src)
+    dest = models_dir / m.name
+    if dest.exists():
+        if not force:
+            raise ModelError(f"{dest} exists; use --force to replace it")
+        shutil.rmtree(dest)
+    shutil.copytree(src, dest)
+    verify_package(dest)
+    return dest

@@ -1,0 +1,1 @@
+"""Training of the pancreas models on a Medical Segmentation Decathlon style folder."""

@@ -1,0 +1,131 @@
+"""Reading a labelled folder (MSD Task07 layout) into the arrays each stage trains on.
+
+Layout: ``imagesTr/<case>_0000.nii.gz`` (or ``.mha``/``.nii``), ``labelsTr/<case>.*``
+(0 background, 1 pancreas, 2 tumour), optional ``cases.csv`` with ``case_id,diagnosis``.
+``imagesTs``/``labelsTs`` are read the same way for evaluation.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import SimpleITK as sitk  # noqa: N813
+
+from node.errors import InputError
+from pipelines.pancreas.geometry import (
+    normalise,
+    resample_like,
+    resample_to_spacing,
+    roi_grid,
+    stack_25d,
+)
+from pipelines.results import TUMOUR_TYPES
+
+__all__ = ["Case", "find_cases", "read_case", "slice_samples", "stage1_sample", "stage2_sample"]
+
+_EXTS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
+
+
+@dataclass(frozen=True, slots=True)
+class Case:
+    case_id: str
+    image: Path
+    label: Path | None
+    diagnosis: str | None  # one of TUMOUR_TYPES, or None when no cases.csv row
+
+
+def _stem(p: Path) -> str:
+    name = p.name
+    for ext in _EXTS:
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return p.stem
+
+
+def find_cases(data: Path, split: str | None = None) -> list[Case]:
+    """The cases of ``data``: ``imagesTs`` when present (evaluation) unless ``split`` says."""
+    splits = [split] if split else (["Ts", "Tr"] if (data / "imagesTs").is_dir() else ["Tr"])
+    for sp in splits:
+        img_dir, lab_dir = data / f"images{sp}", data / f"labels{sp}"
+        if img_dir.is_dir():
+            break
+    else:
+        raise InputError(f"{data}: no imagesTr/ or imagesTs/ folder (MSD layout expected)")
+    diag: dict[str, str] = {}
+    csv_path = data / "cases.csv"
+    if csv_path.exists():
+        with csv_path.open(newline="") as fh:
+            for row in csv.DictReader(fh):
+                d = (row.get("diagnosis") or "").strip()
+                if d and d not in TUMOUR_TYPES:
+                    raise InputError(f"{csv_path}: unknown diagnosis {d!r} for {row['case_id']}")
+                diag[row["case_id"]] = d
+    cases = []
+    for img in sorted(p for p in img_dir.iterdir() if p.name.endswith(_EXTS)):
+        stem = _stem(img)
+        cid = stem[:-5] if stem.endswith("_0000") else stem
+        lab = next((lab_dir / f"{cid}{e}" for e in _EXTS if (lab_dir / f"{cid}{e}").exists()),
+                   None)
+        cases.append(Case(cid, img, lab, diag.get(cid) or None))
+    if not cases:
+        raise InputError(f"{img_dir}: no images")
+    return cases
+
+
+def read_case(case: Case) -> tuple[sitk.Image, sitk.Image]:
+    try:
+        img = sitk.ReadImage(str(case.image), sitk.sitkFloat32)
+        if case.label is None:
+            raise InputError(f"{case.case_id}: no label file")
+        lab = sitk.ReadImage(str(case.label), sitk.sitkUInt8)
+    except RuntimeError as exc:
+        raise InputError(f"{case.case_id}: unreadable image or label: {exc}") from exc
+    if img.GetSize() != lab.GetSize():
+        raise InputError(f"{case.case_id}: image and label sizes differ")
+    lab.CopyInformation(img)
+    return img, lab
+
+
+def stage1_sample(img: sitk.Image, lab: sitk.Image, spacing: tuple[float, float, float],
+                  preset: str) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8]]:
+    """Whole volume at the stage-1 spacing; target = pancreas including its lesion."""
+    x = resample_to_spacing(img, spacing, default=-1000.0 if preset.startswith("ct") else 0.0)
+    y = resample_to_spacing(lab, spacing, label=True)
+    arr = normalise(sitk.GetArrayFromImage(x), preset)
+    return arr, (sitk.GetArrayFromImage(y) > 0).astype(np.uint8)
+
+
+def stage2_sample(
+    img: sitk.Image, lab: sitk.Image, spacing: tuple[float, float, float],
+    patch_zyx: tuple[int, int, int], preset: str, margin_mm: float = 20.0,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8]]:
+    """The pancreas ROI (ground-truth box plus a wide margin for crop jitter)."""
+    mask = sitk.GetArrayFromImage(lab) > 0
+    ref = roi_grid(mask, lab, margin_mm=margin_mm, spacing=spacing,
+                   min_size=tuple(int(p) + 8 for p in patch_zyx[::-1]))
+    bg = -1000.0 if preset.startswith("ct") else 0.0
+    x = sitk.GetArrayFromImage(resample_like(img, ref, default=bg))
+    y = sitk.GetArrayFromImage(resample_like(lab, ref, label=True))
+    return normalise(x, preset), (y == 2).astype(np.uint8)
+
+
+def slice_samples(
+    img: sitk.Image, lab: sitk.Image, diagnosis: str, spacing: tuple[float, float, float],
+    size: int, preset: str, margin_mm: float = 10.0, min_lesion_px: int = 4,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """2.5D slices of the ROI (3 adjacent slices as channels), each labelled with the
+    case's tumour type when it shows lesion, otherwise normal."""
+    mask = sitk.GetArrayFromImage(lab) > 0
+    ref = roi_grid(mask, lab, margin_mm=margin_mm, spacing=spacing, min_size=(size, size, 3),
+                   exact_xy=size)
+    bg = -1000.0 if preset.startswith("ct") else 0.0
+    x = normalise(sitk.GetArrayFromImage(resample_like(img, ref, default=bg)), preset)
+    y = sitk.GetArrayFromImage(resample_like(lab, ref, label=True))
+    stack = stack_25d(x)
+    cls = TUMOUR_TYPES.index(diagnosis) if diagnosis in TUMOUR_TYPES else 0
+    labels = np.where((y == 2).sum(axis=(1, 2)) >= min_lesion_px, cls, 0).astype(np.int64)
+    return stack, labels

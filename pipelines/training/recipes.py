@@ -1,0 +1,70 @@
+"""The demo models' recipes: architecture, input contract and training budget.
+
+One place, because the model packages record exactly these values and the
+inference pipeline reads them back from ``model.yaml``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["RECIPES", "Recipe"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    package: str  # folder name under pipelines/weights/
+    task: str  # pancreas-localisation | lesion-detection | slice-classification
+    arch: str
+    params: dict[str, Any]
+    modality: str
+    preset: str
+    spacing: tuple[float, float, float]  # (x, y, z) mm
+    patch_zyx: tuple[int, int, int]
+    iterations: int
+    batch: int
+    max_minutes: float
+    lr: float = 1e-3
+    phases: tuple[float, float] = (0.55, 0.15)  # stage 2: seg-only, frozen-encoder cls
+    labels: list[str] = field(default_factory=list)
+    outputs: str = ""
+
+
+_TYPES = ["normal", "PDAC", "PNET", "IPMN", "other_benign"]
+
+RECIPES: dict[str, Recipe] = {
+    "ct-stage1": Recipe(
+        "pancreas-ct-stage1", "pancreas-localisation", "stage1_unet",
+        {"channels": [8, 16, 32, 64]}, "CT", "ct_pancreas", (3.0, 3.0, 3.0), (32, 48, 64),
+        iterations=2000, batch=2, max_minutes=14.0, labels=["background", "pancreas"],
+        outputs="softmax over labels; pancreas includes its lesions",
+    ),
+    "ct-stage2": Recipe(
+        "pancreas-ct-stage2", "lesion-detection", "multitask_fpn3d",
+        {"channels": [8, 16, 32, 64], "fpn_channels": 32, "num_classes": 5}, "CT",
+        "ct_pancreas", (2.5, 2.5, 2.5), (24, 40, 64), iterations=4300, batch=2,
+        max_minutes=56.0, phases=(0.48838, 0.06977), labels=_TYPES,
+        outputs="output 0: lesion logit map (sigmoid); output 1: tumour-type logits (softmax)",
+    ),
+    "ct-slice": Recipe(
+        "pancreas-ct-slice", "slice-classification", "slice_classifier2d",
+        {"pool": "gap", "input_size": 150}, "CT", "ct_pancreas", (1.2, 1.2, 2.5),
+        (3, 150, 150), iterations=200, batch=16, max_minutes=5.0, labels=_TYPES,
+        outputs="tumour-type logits per 2.5D slice (softmax)",
+    ),
+    "mr-stage1": Recipe(
+        "pancreas-mr-stage1", "pancreas-localisation", "stage1_unet",
+        {"channels": [8, 16, 32, 64]}, "MR", "mr_t1", (3.0, 3.0, 3.0), (32, 48, 64),
+        iterations=300, batch=2, max_minutes=4.0, labels=["background", "pancreas"],
+        outputs="softmax over labels; pancreas includes its lesions",
+    ),
+    "mr-stage2": Recipe(
+        "pancreas-mr-stage2", "lesion-detection", "multitask_fpn3d",
+        {"channels": [8, 16, 32, 64], "fpn_channels": 32, "num_classes": 5}, "MR",
+        "mr_t1", (2.5, 2.5, 2.5), (24, 40, 64), iterations=1800, batch=2, max_minutes=30.0,
+        phases=(0.77778, 0.13889),
+        labels=_TYPES,
+        outputs="output 0: lesion logit map (sigmoid); output 1: tumour-type logits (softmax)",
+    ),
+}

@@ -1,0 +1,183 @@
+"""Train one recipe on a labelled folder, and the demo weights end to end.
+
+``train_recipe`` is what ``ainode train`` runs; ``train_demo`` generates the
+phantom sets (fixed seeds), trains the five demo models in turn and writes
+the model packages. Finished models are kept under the work folder, so a
+rerun after an interruption resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipelines.results import TUMOUR_TYPES
+from pipelines.training.data import (
+    find_cases,
+    read_case,
+    slice_samples,
+    stage1_sample,
+    stage2_sample,
+)
+from pipelines.training.recipes import RECIPES, Recipe
+from pipelines.training.trainers import (
+    TrainConfig,
+    TrainResult,
+    train_slice,
+    train_stage1,
+    train_stage2,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DEMO_SEEDS", "train_demo", "train_recipe"]
+
+# Training seeds of the demo sets; evaluation uses seeds from 900000 on, never these.
+DEMO_SEEDS = {"ct": range(0, 160), "mr_t1": range(100000, 100060)}
+
+
+def _config(r: Recipe, seed: int, iterations: int | None, minutes: float | None) -> TrainConfig:
+    return TrainConfig(
+        arch=r.arch, params=dict(r.params), iterations=iterations or r.iterations, lr=r.lr,
+        batch=r.batch, max_minutes=minutes or r.max_minutes, seed=seed, patch_zyx=r.patch_zyx,
+        ckpt_every=25 if r.task == "slice-classification" else 50, phases=r.phases,
+    )
+
+
+def train_recipe(
+    recipe: Recipe,
+    data: Path,
+    work: Path,
+    *,
+    seed: int = 0,
+    iterations: int | None = None,
+    minutes: float | None = None,
+    progress: Callable[[str], None] | None = None,
+    max_cases: int | None = None,
+) -> TrainResult:
+    """Train ``recipe`` on ``data`` (MSD layout); checkpoints go to ``work``."""
+    work.mkdir(parents=True, exist_ok=True)
+    cases = find_cases(data, "Tr")[:max_cases]
+    t0 = time.monotonic()
+    cfg = _config(recipe, seed, iterations, minutes)
+    ckpt = work / f"{recipe.package}.ckpt"
+    if recipe.task == "pancreas-localisation":
+        s1 = [stage1_sample(*read_case(c), recipe.spacing, recipe.preset) for c in cases]
+        _say(progress, f"{recipe.package}: {len(s1)} cases loaded in {time.monotonic() - t0:.0f}s")
+        return train_stage1(s1, cfg, ckpt, progress)
+    if recipe.task == "lesion-detection":
+        s2, classes = [], []
+        for c in cases:
+            img, lab = read_case(c)
+            s2.append(stage2_sample(img, lab, recipe.spacing, recipe.patch_zyx, recipe.preset))
+            classes.append(_class(c.diagnosis, s2[-1][1]))
+        _say(progress, f"{recipe.package}: {len(s2)} cases loaded in {time.monotonic() - t0:.0f}s")
+        return train_stage2(s2, classes, cfg, ckpt, progress)
+    if recipe.task == "slice-classification":
+        stacks, labels = [], []
+        for c in cases:
+            img, lab = read_case(c)
+            st, lb = slice_samples(img, lab, c.diagnosis or "normal", recipe.spacing,
+                                   recipe.patch_zyx[-1], recipe.preset)
+            stacks.append(st)
+            labels.append(lb)
+        _say(progress, f"{recipe.package}: {sum(len(s) for s in stacks)} slices loaded")
+        return train_slice(stacks, labels, cfg, ckpt, progress)
+    raise ValueError(f"unknown task {recipe.task!r}")
+
+
+def _class(diagnosis: str | None, lesion: np.ndarray) -> int:
+    if diagnosis in TUMOUR_TYPES:
+        return TUMOUR_TYPES.index(diagnosis)
+    # No cases.csv: a lesion of unknown type counts as PDAC (the target), none as normal.
+    return 1 if lesion.any() else 0
+
+
+def _say(progress: Callable[[str], None] | None, msg: str) -> None:
+    log.info(msg)
+    if progress:
+        progress(msg)
+
+
+def train_demo(
+    work: Path,
+    weights_dir: Path,
+    *,
+    only: list[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+    scale: float = 1.0,
+) -> dict[str, Any]:
+    """Generate the phantom sets, train every demo recipe and write the packages.
+
+    ``scale`` shrinks iterations and budgets (tests use a tiny fraction).
+    """
+    from pipelines.phantom.io import write_dataset
+
+    torch.set_num_threads(1)
+    summary: dict[str, Any] = {}
+    trained: dict[str, dict[str, Any]] = {}
+    # Train everything first, package last: a packaging problem never costs a retrain.
+    for key, recipe in RECIPES.items():
+        if only and key not in only:
+            continue
+        contrast = "ct" if recipe.modality == "CT" else "mr_t1"
+        seeds = DEMO_SEEDS[contrast]
+        if scale < 1.0:
+            seeds = seeds[: max(6, int(len(seeds) * scale))]
+        data = work / f"data-{contrast}"
+        done_marker = data / ".complete"
+        if not done_marker.exists():
+            _say(progress, f"generating {len(seeds)} {contrast} phantoms in {data}")
+            write_dataset(data, seeds, contrast=contrast)
+            done_marker.write_text(f"{seeds.start}-{seeds.stop}\n")
+        final = work / f"{recipe.package}.final.pt"
+        if final.exists():
+            st = torch.load(final, map_location="cpu", weights_only=False)
+        else:
+            r = recipe if scale >= 1.0 else replace(
+                recipe, iterations=max(2, int(recipe.iterations * scale)),
+                max_minutes=recipe.max_minutes * max(scale, 0.05))
+            res = train_recipe(r, data, work / "ckpt", seed=0, progress=progress)
+            st = {
+                "state_dict": res.model.state_dict(), "iterations": res.iterations,
+                "seconds": res.seconds, "losses": res.losses, "history": res.history,
+                "cases": len(seeds), "seeds": [seeds.start, seeds.stop],
+            }
+            torch.save(st, final)
+        trained[key] = st
+    from pipelines.models.package import write_package
+
+    for key, st in trained.items():
+        recipe = RECIPES[key]
+        contrast = "ct" if recipe.modality == "CT" else "mr_t1"
+        provenance = {
+            "data": f"synthetic {contrast} phantoms, seeds {st['seeds'][0]}..{st['seeds'][1] - 1}"
+                    f" ({st['cases']} cases), pipelines.phantom",
+            "iterations": st["iterations"], "seconds": round(st["seconds"]),
+            "threads": torch.get_num_threads(), "device": "cpu",
+            "command": "make train-demo",
+            "final_losses": {k: round(float(v), 4) for k, v in st["losses"].items()},
+        }
+        path = write_package(weights_dir / recipe.package, recipe, st["state_dict"], provenance)
+        summary[key] = {"package": str(path), **provenance}
+        _say(progress, f"{recipe.package}: written to {path}")
+    (work / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+if __name__ == "__main__":  # pragma: no cover - `make train-demo` goes through the CLI
+    import sys
+
+    logging.basicConfig(level=logging.INFO)
+    out = train_demo(Path(sys.argv[1]), Path(sys.argv[2]),
+                     only=sys.argv[3].split(",") if len(sys.argv) > 3 else None,
+                     progress=lambda m: print(m, flush=True))
+    print(json.dumps(out, indent=2, default=str))

@@ -1,0 +1,349 @@
+"""Training loops for stage 1, stage 2 and the slice classifier.
+
+Each loop checkpoints every ``ckpt_every`` iterations (model, optimiser,
+scheduler, iteration, RNG state) and resumes from the checkpoint, so an
+interrupted ``ainode train-demo`` on a 2-core machine loses minutes, not the
+hour. A stage is also bounded by wall-clock minutes: the demo recipe must fit
+the machine it runs on, and the budget is recorded in the provenance.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from monai.losses import DiceCELoss
+from monai.transforms import (
+    Compose,
+    RandAdjustContrast,
+    RandGaussianNoise,
+    RandScaleIntensity,
+    RandShiftIntensity,
+)
+from torch import nn
+
+from pipelines.models.networks import build
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrainConfig", "TrainResult", "train_slice", "train_stage1", "train_stage2"]
+
+# Class weights of the tumour-type head: PDAC 3:1 against the rest (the seed paper's weighting).
+PDAC_WEIGHTS = (1.0, 3.0, 1.0, 1.0, 1.0)
+
+
+@dataclass
+class TrainConfig:
+    arch: str
+    params: dict[str, Any]
+    iterations: int
+    lr: float = 1e-3
+    batch: int = 2
+    max_minutes: float = 60.0
+    ckpt_every: int = 50
+    seed: int = 0
+    # One thread: on a shared 2-core machine two OpenMP threads wait on each other.
+    threads: int = 1
+    # stage 2 only: fractions of iterations for (segmentation, frozen-encoder classification)
+    phases: tuple[float, float] = (0.55, 0.15)
+    patch_zyx: tuple[int, int, int] = (32, 48, 80)
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    iterations: int
+    seconds: float
+    losses: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _augment() -> Compose:
+    return Compose([
+        RandScaleIntensity(factors=0.08, prob=0.5),
+        RandShiftIntensity(offsets=0.04, prob=0.5),
+        RandAdjustContrast(gamma=(0.85, 1.2), prob=0.3),
+        RandGaussianNoise(prob=0.3, std=0.02),
+    ])
+
+
+class _Progress:
+    """Running losses on one line (a bar on a terminal, a line per report in a log)."""
+
+    def __init__(self, name: str, total: int, out: Callable[[str], None] | None) -> None:
+        self.name, self.total, self.out = name, total, out
+        self.tty = sys.stderr.isatty()
+        self.t0 = time.monotonic()
+
+    def update(self, it: int, losses: dict[str, float], force: bool = False) -> None:
+        if self.out is None:
+            return
+        if not (force or self.tty or it % 25 == 0):
+            return
+        frac = it / max(self.total, 1)
+        bar = "#" * int(frac * 20)
+        loss_txt = " ".join(f"{k}={v:.4f}" for k, v in losses.items())
+        line = (f"{self.name} [{bar:<20}] {it}/{self.total} "
+                f"{time.monotonic() - self.t0:6.0f}s {loss_txt}")
+        self.out(line)
+
+
+def _save(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
+    return state
+
+
+def _loop(
+    name: str,
+    cfg: TrainConfig,
+    ckpt: Path | None,
+    model: nn.Module,
+    step: Callable[[int, nn.Module], dict[str, torch.Tensor]],
+    param_groups: Callable[[int, bool], Sequence[nn.Parameter]],
+    phase_of: Callable[[int], int],
+    progress: Callable[[str], None] | None,
+) -> TrainResult:
+    torch.set_num_threads(cfg.threads)
+    _seed_all(cfg.seed)
+    start_it = 0
+    phase = phase_of(0)
+    opt = torch.optim.Adam(param_groups(phase, False), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=3)
+    history: list[dict[str, float]] = []
+    elapsed0 = 0.0
+    if ckpt is not None and (st := _load(ckpt)) is not None:
+        model.load_state_dict(st["model"])
+        start_it, phase, history, elapsed0 = st["it"], st["phase"], st["history"], st["elapsed"]
+        opt = torch.optim.Adam(param_groups(phase, False), lr=cfg.lr)
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=3)
+        try:
+            opt.load_state_dict(st["opt"])
+            sched.load_state_dict(st["sched"])
+        except (ValueError, KeyError):
+            log.info("optimiser state not restored for %s (phase change)", name)
+        torch.set_rng_state(st["rng"])
+        np.random.set_state(st["np_rng"])
+        random.setstate(st["py_rng"])
+        log.info("resumed %s at iteration %d", name, start_it)
+    bar = _Progress(name, cfg.iterations, progress)
+    t0 = time.monotonic()
+    running: dict[str, float] = {}
+    window: list[float] = []
+    it = start_it
+    model.train()
+    while it < cfg.iterations:
+        if elapsed0 + time.monotonic() - t0 > cfg.max_minutes * 60:
+            log.warning("%s stopped by its time budget at iteration %d", name, it)
+            if progress:
+                progress(f"{name}: time budget of {cfg.max_minutes} min reached at {it}")
+            break
+        new_phase = phase_of(it)
+        if new_phase != phase:
+            phase = new_phase
+            opt = torch.optim.Adam(param_groups(phase, True),
+                                   lr=cfg.lr * (0.5 if phase == 2 else 1))
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=3)
+        losses = step(phase, model)
+        total = losses.pop("loss")
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        it += 1
+        losses["loss"] = total.detach()
+        for k, v in losses.items():
+            running[k] = 0.9 * running.get(k, float(v)) + 0.1 * float(v)
+        window.append(float(losses["loss"]))
+        if it % cfg.ckpt_every == 0 or it == cfg.iterations:
+            sched.step(float(np.mean(window)))
+            history.append({"it": float(it), **{k: round(v, 5) for k, v in running.items()}})
+            window = []
+            if ckpt is not None:
+                _save(ckpt, {
+                    "model": model.state_dict(), "opt": opt.state_dict(),
+                    "sched": sched.state_dict(), "it": it, "phase": phase, "history": history,
+                    "elapsed": elapsed0 + time.monotonic() - t0,
+                    "rng": torch.get_rng_state(), "np_rng": np.random.get_state(),
+                    "py_rng": random.getstate(),
+                })
+        bar.update(it, running)
+    bar.update(it, running, force=True)
+    model.eval()
+    return TrainResult(model, it, elapsed0 + time.monotonic() - t0, dict(running), history)
+
+
+def _crop(x: npt.NDArray, y: npt.NDArray, patch: Sequence[int], rng: np.random.Generator,
+          focus: npt.NDArray | None) -> tuple[npt.NDArray, npt.NDArray]:
+    """A patch from (x, y), padded with zeros when smaller; around ``focus`` if given."""
+    pad = [(0, max(0, p - s)) for p, s in zip(patch, x.shape, strict=True)]
+    if any(b for _, b in pad):
+        x = np.pad(x, pad)
+        y = np.pad(y, pad)
+    start = []
+    for d, (p, s) in enumerate(zip(patch, x.shape, strict=True)):
+        hi = s - p
+        if focus is not None:
+            c = int(focus[d])
+            lo_s, hi_s = max(0, c - p + 4), min(hi, c - 4)
+            start.append(int(rng.integers(lo_s, hi_s + 1)) if lo_s <= hi_s
+                         else int(np.clip(c - p // 2, 0, hi)))
+        else:
+            start.append(int(rng.integers(0, hi + 1)))
+    sl = tuple(slice(s, s + p) for s, p in zip(start, patch, strict=True))
+    return x[sl], y[sl]
+
+
+def train_stage1(
+    samples: list[tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8]]],
+    cfg: TrainConfig,
+    ckpt: Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """Pancreas segmentation at low resolution, Dice + cross-entropy, random patches."""
+    model = build(cfg.arch, cfg.params)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+    aug = _augment()
+    rng = np.random.default_rng(cfg.seed)
+
+    def step(phase: int, m: nn.Module) -> dict[str, torch.Tensor]:
+        xs, ys = [], []
+        for _ in range(cfg.batch):
+            x, y = samples[int(rng.integers(len(samples)))]
+            focus = None
+            if rng.random() < 0.7:
+                idx = np.argwhere(y > 0)
+                if len(idx):
+                    focus = idx[int(rng.integers(len(idx)))]
+            xc, yc = _crop(x, y, cfg.patch_zyx, rng, focus)
+            xs.append(aug(xc[None]))
+            ys.append(yc[None])
+        xb = torch.as_tensor(np.stack(xs), dtype=torch.float32)
+        yb = torch.as_tensor(np.stack(ys).astype(np.int64))
+        loss = loss_fn(m(xb), yb)
+        return {"loss": loss}
+
+    return _loop("stage1", cfg, ckpt, model, step, lambda p, t: list(model.parameters()),
+                 lambda it: 0, progress)
+
+
+def train_stage2(
+    samples: list[tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8]]],
+    classes: list[int],
+    cfg: TrainConfig,
+    ckpt: Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """Lesion map + tumour type, stage-wise: segmentation head, then the classification
+    head on a frozen encoder, then both end to end."""
+    model = build(cfg.arch, cfg.params)
+    seg_loss = DiceCELoss(sigmoid=True, batch=True)
+    cls_loss = nn.CrossEntropyLoss(weight=torch.tensor(PDAC_WEIGHTS, dtype=torch.float32))
+    aug = _augment()
+    rng = np.random.default_rng(cfg.seed)
+    n1 = int(cfg.iterations * cfg.phases[0])
+    n2 = n1 + int(cfg.iterations * cfg.phases[1])
+    lesion_idx = [np.argwhere(y > 0) for _, y in samples]
+    # Balance the tumour types: each case drawn with weight 1 / frequency of its class.
+    counts = np.bincount(np.array(classes), minlength=5).astype(float)
+    w = np.array([1.0 / counts[c] for c in classes])
+    w /= w.sum()
+
+    def phase_of(it: int) -> int:
+        return 0 if it < n1 else (1 if it < n2 else 2)
+
+    def params(phase: int, transition: bool) -> list[nn.Parameter]:
+        if phase == 1 and transition:
+            model.reset_classifier()  # type: ignore[operator]
+        enc = set(map(id, model.encoder_parameters()))  # type: ignore[operator]
+        for p in model.parameters():
+            p.requires_grad_(not (phase == 1 and id(p) in enc))
+        if phase == 1:
+            return list(model.classifier_parameters())  # type: ignore[operator]
+        return list(model.parameters())
+
+    def step(phase: int, m: nn.Module) -> dict[str, torch.Tensor]:
+        xs, ys, cs = [], [], []
+        for _ in range(cfg.batch):
+            i = int(rng.choice(len(samples), p=w))
+            x, y = samples[i]
+            idx = lesion_idx[i]
+            # Mostly around a lesion; sometimes anywhere, so the gland's normal parts and
+            # the margin are seen often enough to learn to stay quiet there.
+            focus = idx[int(rng.integers(len(idx)))] if len(idx) and rng.random() < 0.75 \
+                else None
+            if focus is None:
+                focus = np.array([int(rng.integers(0, s)) for s in x.shape])
+            xc, yc = _crop(x, y, cfg.patch_zyx, rng, focus)
+            xs.append(aug(xc[None]))
+            ys.append(yc[None])
+            # A crop that lost the lesion shows a normal gland.
+            cs.append(classes[i] if (yc > 0).sum() >= 3 or classes[i] == 0 else 0)
+        xb = torch.as_tensor(np.stack(xs), dtype=torch.float32)
+        yb = torch.as_tensor(np.stack(ys).astype(np.float32))
+        cb = torch.as_tensor(cs, dtype=torch.int64)
+        seg, cls = m(xb)
+        ls = seg_loss(seg, yb)
+        lc = cls_loss(cls, cb)
+        loss = ls if phase == 0 else (lc if phase == 1 else ls + 0.5 * lc)
+        return {"loss": loss, "seg": ls.detach(), "cls": lc.detach()}
+
+    return _loop("stage2", cfg, ckpt, model, step, params, phase_of, progress)
+
+
+def train_slice(
+    stacks: list[npt.NDArray[np.float32]],
+    labels: list[npt.NDArray[np.int64]],
+    cfg: TrainConfig,
+    ckpt: Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """The 2.5D slice classifier: class-balanced slices, weighted cross-entropy."""
+    model = build(cfg.arch, cfg.params)
+    x_all = np.concatenate(stacks)
+    y_all = np.concatenate(labels)
+    counts = np.bincount(y_all, minlength=5).astype(float)
+    w = np.where(counts[y_all] > 0, 1.0 / np.maximum(counts[y_all], 1), 0.0)
+    w /= w.sum()
+    loss_fn = nn.CrossEntropyLoss(weight=torch.tensor(PDAC_WEIGHTS, dtype=torch.float32))
+    rng = np.random.default_rng(cfg.seed)
+
+    def step(phase: int, m: nn.Module) -> dict[str, torch.Tensor]:
+        idx = rng.choice(len(y_all), size=cfg.batch, p=w)
+        xb = torch.as_tensor(x_all[idx])
+        xb = xb * (1 + 0.08 * (torch.rand(len(idx), 1, 1, 1) - 0.5)) + 0.02 * torch.randn_like(xb)
+        flip = rng.random() < 0.5
+        if flip:  # anterior-posterior flips keep the left-right anatomy
+            xb = torch.flip(xb, dims=[2])
+        yb = torch.as_tensor(y_all[idx])
+        return {"loss": loss_fn(m(xb), yb)}
+
+    res = _loop("slice", cfg, ckpt, model, step, lambda p, t: list(model.parameters()),
+                lambda it: 0, progress)
+    res.losses["slices"] = float(len(y_all))
+    res.losses["epochs"] = round(res.iterations * cfg.batch / max(len(y_all), 1), 2)
+    if not math.isfinite(res.losses.get("loss", 0.0)):
+        log.warning("slice classifier loss is not finite")
+    return res
