@@ -4,20 +4,29 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+import pipelines
 from node.cli.context import get
 from node.cli.output import emit
 from node.errors import ModelError
-from pipelines.models.package import (
-    find_packages,
-    import_package,
-    read_manifest,
-    verify_package,
-)
-from pipelines.pancreas.pipeline import SHIPPED_WEIGHTS
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+# The shipped demo packages (pipelines/weights). Kept as a plain path so that
+# `ainode` starts without importing torch: the package module is loaded only
+# when a `models` command runs (every other command, `serve` included, pays
+# neither the start-up time nor the memory).
+SHIPPED_WEIGHTS = Path(pipelines.__file__).resolve().parent / "weights"
+
+
+def _pkg() -> ModuleType:
+    import pipelines.models.package as package
+
+    return package
 
 app = typer.Typer(help="Model packages (model.yaml + weights).", no_args_is_help=True)
 
@@ -48,9 +57,9 @@ def list_(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """Every package in the configured models folder and the shipped demo weights."""
     rows = []
     for root in _roots(ctx):
-        for pkg in find_packages(root):
+        for pkg in _pkg().find_packages(root):
             try:
-                m = read_manifest(pkg)
+                m = _pkg().read_manifest(pkg)
                 rows.append({"name": m.name, "version": m.version, "task": m.task,
                              "modality": m.input.modality, "architecture": m.architecture.name,
                              "format": m.weights.format, "path": str(pkg)})
@@ -65,7 +74,7 @@ def list_(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 def show(ctx: typer.Context, name: str, as_json: JsonOpt = False) -> None:
     """The manifest of package NAME (a name or a folder)."""
     try:
-        m = read_manifest(_find(ctx, name))
+        m = _pkg().read_manifest(_find(ctx, name))
     except ModelError as exc:
         typer.echo(f"ainode: error: {exc}", err=True)
         raise typer.Exit(2) from exc
@@ -83,11 +92,11 @@ def verify(ctx: typer.Context, names: Annotated[list[str] | None, typer.Argument
            as_json: JsonOpt = False) -> None:
     """Check manifests and weight hashes; exit 2 when any package is refused."""
     pkgs = [_find(ctx, n) for n in names] if names else \
-        [p for r in _roots(ctx) for p in find_packages(r)]
+        [p for r in _roots(ctx) for p in _pkg().find_packages(r)]
     rows, bad = [], 0
     for pkg in pkgs:
         try:
-            m = verify_package(pkg)
+            m = _pkg().verify_package(pkg)
             rows.append({"name": m.name, "version": m.version, "status": "ok",
                          "sha256": m.weights.sha256[:16]})
         except ModelError as exc:
@@ -117,7 +126,7 @@ def import_(
     dest.mkdir(parents=True, exist_ok=True)
     try:
         if kind == "package":
-            out = import_package(source, dest, force=force)
+            out = _pkg().import_package(source, dest, force=force)
         elif kind == "monai-bundle":
             from pipelines.models.bundle import import_monai_bundle
 
@@ -132,5 +141,5 @@ def import_(
     except ModelError as exc:
         typer.echo(f"ainode: error: {exc}", err=True)
         raise typer.Exit(2) from exc
-    m = verify_package(out)
+    m = _pkg().verify_package(out)
     typer.echo(f"imported {m.name} {m.version} ({m.task}) into {out}")
