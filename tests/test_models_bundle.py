@@ -81,8 +81,7 @@ def test_bundle_works_as_stage1_of_the_pipeline(tmp_path: Path) -> None:
     src, _ = _bundle(tmp_path / "bundle")
     stage1 = import_monai_bundle(src, tmp_path / "models", name="tiny-bundle")
     shipped = Path(__file__).resolve().parents[1] / "pipelines" / "weights"
-    if not (shipped / "pancreas-ct-stage2" / "model.yaml").exists():
-        pytest.skip("shipped demo weights pipelines/weights/pancreas-ct-stage2 missing")
+    assert (shipped / "pancreas-ct-stage2" / "model.yaml").exists(), "demo weights missing"
     pipe = PancreasPipeline.from_packages("pancreas-ct", stage1, shipped / "pancreas-ct-stage2",
                                           device="cpu")
     img, _ = phantom_to_sitk(generate(PhantomSpec(seed=11, diagnosis="normal")))

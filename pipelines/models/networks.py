@@ -105,7 +105,8 @@ class MultiTaskNet3D(nn.Module):
         mods: list[nn.Module] = [*self.lateral, *self.smooth, self.cls_head]
         return [p for m in mods for p in m.parameters()]
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Encoder levels and the lesion logit map: everything the classifier reads."""
         feats = []
         h = x
         for blk in self.enc:
@@ -116,8 +117,14 @@ class MultiTaskNet3D(nn.Module):
             skip = feats[-2 - j]
             d = F.interpolate(d, size=skip.shape[2:], mode="trilinear", align_corners=False)
             d = blk(torch.cat([d, skip], dim=1))
-        seg = self.seg_head(d)
-        lat = [lat_conv(f) for lat_conv, f in zip(self.lateral, feats[-3:], strict=True)]
+        return feats, self.seg_head(d)
+
+    def classify(self, top: Sequence[torch.Tensor], seg: torch.Tensor) -> torch.Tensor:
+        """Tumour-type logits from the last three encoder levels and the lesion logits.
+
+        Split from ``forward`` so the head can be trained on cached encoder features.
+        """
+        lat = [lat_conv(f) for lat_conv, f in zip(self.lateral, top, strict=True)]
         p = lat[-1]
         pyramid = [self.smooth[-1](p)]
         for k in range(len(lat) - 2, -1, -1):
@@ -136,8 +143,11 @@ class MultiTaskNet3D(nn.Module):
                 q.mean(dim=(2, 3, 4)), q.amax(dim=(2, 3, 4)),
                 (q * w).sum(dim=(2, 3, 4)) / wsum,
             ], 1))
-        cls = self.cls_head(torch.cat(pooled, dim=1))
-        return seg, cls
+        return self.cls_head(torch.cat(pooled, dim=1))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats, seg = self.features(x)
+        return seg, self.classify(feats[-3:], seg)
 
 
 class SliceClassifier2D(nn.Module):
