@@ -69,3 +69,32 @@ def test_cli_train_refuses_a_missing_folder(tmp_path: Path) -> None:
                                  str(tmp_path / "o"), "--task", "stage1"])
     assert r.exit_code != 0
     assert "not a folder" in str(r.exception) or "not a folder" in r.output
+
+
+def test_head_finetune_changes_only_the_classifier(dataset: Path) -> None:
+    from pipelines.models.networks import build
+    from pipelines.training.data import find_cases, read_case, stage2_sample
+    from pipelines.training.trainers import HeadConfig, finetune_stage2_head
+
+    r = RECIPES["ct-stage2"]
+    samples, classes = [], []
+    for c in find_cases(dataset, "Tr")[:4]:
+        img, lab = read_case(c)
+        samples.append(stage2_sample(img, lab, r.spacing, r.patch_zyx, r.preset))
+        classes.append(1 if samples[-1][1].any() else 0)
+    model = build(r.arch, r.params)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = finetune_stage2_head(model, samples, classes, r.patch_zyx,
+                               HeadConfig(crops_per_case=2, iterations=20, batch=4))
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("cls_head.") for k in changed)
+    assert res.losses["crops"] == 8 and 0.0 <= res.losses["train_crop_accuracy"] <= 1.0
+    # The split forward (features + classify) is what inference runs.
+    x = torch.randn(1, 1, *r.patch_zyx)
+    with torch.no_grad():
+        seg, cls = model(x)
+        feats, seg2 = model.features(x)  # type: ignore[operator]
+        assert torch.equal(seg, seg2)
+        assert torch.allclose(cls, model.classify(feats[-3:], seg2))  # type: ignore[operator]
+    assert all(p.requires_grad for p in model.parameters())

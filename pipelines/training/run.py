@@ -29,8 +29,10 @@ from pipelines.training.data import (
 )
 from pipelines.training.recipes import RECIPES, Recipe
 from pipelines.training.trainers import (
+    HeadConfig,
     TrainConfig,
     TrainResult,
+    finetune_stage2_head,
     train_slice,
     train_stage1,
     train_stage2,
@@ -107,6 +109,33 @@ def _say(progress: Callable[[str], None] | None, msg: str) -> None:
         progress(msg)
 
 
+def _finetune_head(recipe: Recipe, data: Path, work: Path, st: dict[str, Any], scale: float,
+                   progress: Callable[[str], None] | None) -> dict[str, Any]:
+    """Stage 2's tumour-type MLP retrained on cached frozen features (kept like ``final``)."""
+    out = work / f"{recipe.package}.final-head.pt"
+    if out.exists():
+        done: dict[str, Any] = torch.load(out, map_location="cpu", weights_only=False)
+        return done
+    from pipelines.models.networks import build
+
+    s2, classes = [], []
+    for c in find_cases(data, "Tr"):
+        img, lab = read_case(c)
+        s2.append(stage2_sample(img, lab, recipe.spacing, recipe.patch_zyx, recipe.preset))
+        classes.append(_class(c.diagnosis, s2[-1][1]))
+    model = build(recipe.arch, dict(recipe.params))
+    model.load_state_dict(st["state_dict"])
+    hc = HeadConfig(crops_per_case=max(1, int(recipe.head_crops_per_case * min(scale, 1.0))),
+                    iterations=max(2, int(recipe.head_iterations * min(scale, 1.0))))
+    res = finetune_stage2_head(model, s2, classes, recipe.patch_zyx, hc, progress)
+    new = {**st, "state_dict": model.state_dict(), "seconds": st["seconds"] + res.seconds,
+           "head": {"iterations": res.iterations, "crops_per_case": hc.crops_per_case,
+                    "seconds": round(res.seconds),
+                    "losses": {k: round(float(v), 4) for k, v in res.losses.items()}}}
+    torch.save(new, out)
+    return new
+
+
 def train_demo(
     work: Path,
     weights_dir: Path,
@@ -152,6 +181,8 @@ def train_demo(
                 "cases": len(seeds), "seeds": [seeds.start, seeds.stop],
             }
             torch.save(st, final)
+        if recipe.task == "lesion-detection" and recipe.head_iterations > 0:
+            st = _finetune_head(recipe, data, work, st, scale, progress)
         trained[key] = st
     from pipelines.models.package import write_package
 
@@ -166,6 +197,8 @@ def train_demo(
             "command": "make train-demo",
             "final_losses": {k: round(float(v), 4) for k, v in st["losses"].items()},
         }
+        if "head" in st:
+            provenance["head_finetune"] = st["head"]
         path = write_package(weights_dir / recipe.package, recipe, st["state_dict"], provenance)
         summary[key] = {"package": str(path), **provenance}
         _say(progress, f"{recipe.package}: written to {path}")

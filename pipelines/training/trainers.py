@@ -36,7 +36,10 @@ from pipelines.models.networks import build
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "TrainResult", "train_slice", "train_stage1", "train_stage2"]
+__all__ = [
+    "HeadConfig", "TrainConfig", "TrainResult", "finetune_stage2_head", "train_slice",
+    "train_stage1", "train_stage2",
+]
 
 # Class weights of the tumour-type head: PDAC 3:1 against the rest (the seed paper's weighting).
 PDAC_WEIGHTS = (1.0, 3.0, 1.0, 1.0, 1.0)
@@ -66,6 +69,7 @@ class TrainResult:
     seconds: float
     losses: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
+    cache: tuple[torch.Tensor, torch.Tensor] | None = None  # stage-2 head features
 
 
 def _seed_all(seed: int) -> None:
@@ -346,4 +350,118 @@ def train_slice(
     res.losses["epochs"] = round(res.iterations * cfg.batch / max(len(y_all), 1), 2)
     if not math.isfinite(res.losses.get("loss", 0.0)):
         log.warning("slice classifier loss is not finite")
+    return res
+
+
+@dataclass
+class HeadConfig:
+    """Fine-tuning the stage-2 tumour-type MLP on cached, frozen features."""
+
+    crops_per_case: int = 12
+    iterations: int = 3000
+    batch: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-3
+    lesion_focus: float = 0.75
+    reset: bool = True  # a fresh MLP; False continues from the trained one
+    seed: int = 0
+    threads: int = 1
+
+
+def _pooled_features(
+    model: nn.Module, samples: list[tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8]]],
+    classes: list[int], patch: tuple[int, int, int], hc: HeadConfig,
+    progress: Callable[[str], None] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cls head's input (pooled pyramid features) for random augmented crops."""
+    rng = np.random.default_rng(hc.seed)
+    aug = _augment()
+    head = model.get_submodule("cls_head")
+    captured: list[torch.Tensor] = []
+    hook = head.register_forward_hook(lambda _m, inp, _o: captured.append(inp[0].detach()))
+    labels: list[int] = []
+    model.eval()
+    try:
+        with torch.no_grad():
+            for n, (x, y) in enumerate(samples):
+                idx = np.argwhere(y > 0)
+                xs = []
+                for _ in range(hc.crops_per_case):
+                    if len(idx) and rng.random() < hc.lesion_focus:
+                        focus = idx[int(rng.integers(len(idx)))]
+                    else:
+                        focus = np.array([int(rng.integers(0, s)) for s in x.shape])
+                    xc, yc = _crop(x, y, patch, rng, focus)
+                    xs.append(aug(xc[None]))
+                    # The same rule as train_stage2: a crop that lost the lesion is normal.
+                    labels.append(classes[n] if (yc > 0).sum() >= 3 or classes[n] == 0 else 0)
+                model(torch.as_tensor(np.stack(xs), dtype=torch.float32))
+                if progress and (n + 1) % 20 == 0:
+                    progress(f"head features: {n + 1}/{len(samples)} cases")
+    finally:
+        hook.remove()
+    return torch.cat(captured), torch.as_tensor(labels, dtype=torch.int64)
+
+
+def finetune_stage2_head(
+    model: nn.Module,
+    samples: list[tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8]]],
+    classes: list[int],
+    patch: tuple[int, int, int],
+    hc: HeadConfig | None = None,
+    progress: Callable[[str], None] | None = None,
+    cached: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> TrainResult:
+    """Retrain the tumour-type MLP of a trained stage-2 model, everything else frozen.
+
+    The encoder, lesion decoder and feature pyramid are fixed, so their pooled output
+    is computed once per crop and cached; the MLP then trains thousands of class-
+    balanced, PDAC-weighted (3:1) iterations in seconds. The lesion map is unchanged.
+    ``cached`` (features, labels) from an earlier call skips the feature pass.
+    """
+    hc = hc or HeadConfig()
+    torch.set_num_threads(hc.threads)
+    _seed_all(hc.seed)
+    t0 = time.monotonic()
+    feats, labels = cached or _pooled_features(model, samples, classes, patch, hc, progress)
+    head = model.get_submodule("cls_head")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in head.modules() if hc.reset else []:
+        reset = getattr(m, "reset_parameters", None)
+        if callable(reset):
+            reset()
+    for p in head.parameters():
+        p.requires_grad_(True)
+    counts = np.bincount(labels.numpy(), minlength=5).astype(float)
+    w = np.where(counts[labels.numpy()] > 0, 1.0 / np.maximum(counts[labels.numpy()], 1), 0.0)
+    w /= w.sum()
+    loss_fn = nn.CrossEntropyLoss(weight=torch.tensor(PDAC_WEIGHTS, dtype=torch.float32))
+    opt = torch.optim.AdamW(head.parameters(), lr=hc.lr, weight_decay=hc.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, hc.iterations)
+    rng = np.random.default_rng(hc.seed + 1)
+    head.train()
+    running = 0.0
+    history: list[dict[str, float]] = []
+    for it in range(1, hc.iterations + 1):
+        idx = torch.as_tensor(rng.choice(len(labels), size=hc.batch, p=w))
+        loss = loss_fn(head(feats[idx]), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        running = float(loss) if it == 1 else 0.98 * running + 0.02 * float(loss)
+        if it % 250 == 0 or it == hc.iterations:
+            history.append({"it": float(it), "cls": round(running, 5)})
+            if progress:
+                progress(f"head [{it}/{hc.iterations}] cls={running:.4f}")
+    head.eval()
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    with torch.no_grad():
+        acc = float((head(feats).argmax(1) == labels).float().mean())
+    losses = {"cls": running, "train_crop_accuracy": acc, "crops": float(len(labels))}
+    res = TrainResult(model, hc.iterations, time.monotonic() - t0, losses, history)
+    res.cache = (feats, labels)
     return res
