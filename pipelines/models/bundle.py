@@ -29,6 +29,7 @@ from pipelines.models.package import (
     Manifest,
     Training,
     Weights,
+    clear_destination,
     sha256_file,
     write_manifest,
 )
@@ -161,10 +162,7 @@ def import_monai_bundle(src: Path, dest_root: Path, *, name: str | None = None,
     except (RuntimeError, OSError, ValueError) as exc:
         raise ModelError(f"{weights}: weights do not fit {target}: {exc}") from exc
     out = dest_root / pkg_name
-    if out.exists():
-        if not force:
-            raise ModelError(f"{out} exists; use --force to replace it")
-        shutil.rmtree(out)
+    clear_destination(out, force=force)
     out.mkdir(parents=True)
     shutil.copy2(weights, out / "weights.pt")
     manifest = Manifest(

@@ -28,6 +28,7 @@ from pipelines.models.package import (
     Manifest,
     Training,
     Weights,
+    clear_destination,
     sha256_tree,
     write_manifest,
 )
@@ -68,10 +69,7 @@ def import_nnunet_folder(src: Path, dest_root: Path, *, name: str | None = None,
     info = read_nnunet_folder(src, configuration)
     pkg_name = name or src.name
     out = dest_root / pkg_name
-    if out.exists():
-        if not force:
-            raise ModelError(f"{out} exists; use --force to replace it")
-        shutil.rmtree(out)
+    clear_destination(out, force=force)
     out.mkdir(parents=True)
     shutil.copytree(src, out / "nnunet")
     manifest = Manifest(

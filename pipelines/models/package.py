@@ -266,14 +266,23 @@ def find_packages(root: Path) -> list[Path]:
     return sorted(p.parent for p in root.glob(f"*/{MANIFEST}"))
 
 
-def import_package(src: Path, models_dir: Path, *, force: bool = False) -> Path:
-    """Copy a verified package into ``models_dir`` under its manifest name."""
-    m = verify_package(src)
-    dest = models_dir / m.name
+def clear_destination(dest: Path, *, force: bool) -> None:
+    """Make room for a package at ``dest``: an existing one is replaced only with ``force``.
+
+    Every importer (package, MONAI bundle, nnU-Net folder) goes through here so
+    that none of them overwrites an installed model silently.
+    """
     if dest.exists():
         if not force:
             raise ModelError(f"{dest} exists; use --force to replace it")
         shutil.rmtree(dest)
+
+
+def import_package(src: Path, models_dir: Path, *, force: bool = False) -> Path:
+    """Copy a verified package into ``models_dir`` under its manifest name."""
+    m = verify_package(src)
+    dest = models_dir / m.name
+    clear_destination(dest, force=force)
     shutil.copytree(src, dest)
     verify_package(dest)
     return dest
