@@ -43,8 +43,6 @@ from typing import Any, cast
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.multival import MultiValue
-from pydicom.valuerep import IS, DSfloat
 from sqlalchemy import Dialect, Table, bindparam, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
@@ -54,6 +52,7 @@ from sqlalchemy.sql.expression import ClauseElement
 from node.errors import ConflictError, InputError, OutOfSpaceError, StorageError
 from storage.audit import audit
 from storage.db import Database
+from storage.dicom_values import json_value
 from storage.filestore import FileStore, StoredFile, valid_uid
 from storage.models import AuditEvent, Instance, Series, SeriesState, Study, utcnow
 
@@ -150,18 +149,6 @@ class IngestResult:
     reopened: bool = False
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, MultiValue | list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, IS):
-        return int(value)
-    if isinstance(value, DSfloat | float):
-        return float(value)
-    if isinstance(value, int | bool):
-        return value
-    return str(value)
-
-
 def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
     value = ds.get(keyword)
     if value is None or value == "":
@@ -208,7 +195,7 @@ def read_header(part10: bytes) -> InstanceHeader:
         value = values.get(keyword)
         if value is not None and value != "":
             try:
-                attributes[keyword] = _jsonable(value)
+                attributes[keyword] = json_value(value)
             except (TypeError, ValueError):
                 continue  # a malformed optional attribute must not refuse the image
     return InstanceHeader(

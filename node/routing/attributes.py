@@ -17,11 +17,10 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.multival import MultiValue
-from pydicom.valuerep import PersonName
 
 from node.errors import InputError
 from node.routing.conditions import CALLING_AE
+from storage.dicom_values import json_value
 
 __all__ = ["attributes_from_dataset", "read_header", "series_attributes", "series_in_folder"]
 
@@ -36,22 +35,6 @@ _COMMON = (
 )
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, MultiValue | list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, PersonName):
-        return str(value)
-    if isinstance(value, bool | str):
-        return value
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        return float(value)
-    if isinstance(value, bytes):
-        return None  # binary values are not routable
-    return str(value)
-
-
 def attributes_from_dataset(ds: Dataset, keywords: Collection[str] = ()) -> dict[str, Any]:
     """The routable attributes of ``ds``: the common set plus ``keywords``."""
     out: dict[str, Any] = {}
@@ -61,7 +44,7 @@ def attributes_from_dataset(ds: Dataset, keywords: Collection[str] = ()) -> dict
         elem = ds.data_element(kw) if kw in ds else None
         if elem is None or elem.VR == "SQ":
             continue
-        value = _plain(elem.value)
+        value = json_value(elem.value)
         if value is not None:
             out[kw] = value
     return out
