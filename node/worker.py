@@ -153,13 +153,21 @@ class Worker:
         self.config = config
         self.name = name or job_store.new_worker_id()
         self.lease_s = lease_s
-        self.device = resolve_device(config.inference.device)
+        self._device: str | None = None
         self.concurrency = concurrency or config.inference.max_jobs_per_device
         self.job_timeout_s = job_timeout_s or config.inference.job_timeout_s
         self._load = load
         self._write = write
         self._queue = queue
         self._slots = threading.BoundedSemaphore(self.concurrency)
+
+    @property
+    def device(self) -> str:
+        """Resolved at the first job: ``auto`` imports torch (seconds of CPU), which a
+        node that has only just started, and is already receiving, should not pay."""
+        if self._device is None:
+            self._device = resolve_device(self.config.inference.device)
+        return self._device
 
     # -- entry points -------------------------------------------------------------------
     def recover(self) -> list[int]:

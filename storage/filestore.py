@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,40 +49,92 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_tmp_names = itertools.count()
+
+
+def _staging_name(staging: Path) -> Path:
+    """A fresh name in ``staging``: the pid and a per-process counter never repeat while
+    the process lives, and a leftover of a dead process is only ever skipped (O_EXCL)."""
+    return staging / f"{_TMP_PREFIX}{os.getpid()}-{next(_tmp_names)}"
+
+
+def _make_dirs(path: Path) -> None:
+    """mkdir -p, with each new directory's entry made durable in its parent."""
+    missing: list[Path] = []
+    p = path
+    while not p.is_dir():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            d.mkdir()
+        _fsync_dir(d.parent)
+
+
 def atomic_write(
-    target: Path, chunks: Iterable[bytes], *, tmp_dir: Path | None = None, overwrite: bool = False
+    target: Path,
+    chunks: Iterable[bytes | memoryview],
+    *,
+    tmp_dir: Path | None = None,
+    overwrite: bool = False,
+    known_dirs: set[Path] | None = None,
 ) -> tuple[int, str]:
     """Write ``chunks`` to ``target`` atomically and durably; returns (size, sha256 hex).
 
     ``overwrite=False`` uses link() instead of rename() for the final step, so
-    an existing file is never replaced (raises FileExistsError).
+    an existing file is never replaced (raises FileExistsError). ``known_dirs``
+    is a caller's cache of directories already made (a mkdir per write costs
+    more than the write's own system calls); a directory removed behind its
+    back is made again.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = tmp_dir if tmp_dir is not None else target.parent
-    staging.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=staging)
-    tmp = Path(tmp_name)
+    parent = target.parent
+    staging = tmp_dir if tmp_dir is not None else parent
+    for d in (staging, parent):
+        if known_dirs is None or d not in known_dirs:
+            _make_dirs(d)
+            if known_dirs is not None:
+                known_dirs.add(d)
+    while True:
+        tmp = _staging_name(staging)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            break
+        except FileExistsError:
+            continue
     digest = hashlib.sha256()
     size = 0
     try:
-        with os.fdopen(fd, "wb") as fh:
+        try:
             for chunk in chunks:
-                fh.write(chunk)
-                digest.update(chunk)
-                size += len(chunk)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if overwrite:
-            os.replace(tmp, target)
-        else:
-            os.link(tmp, target)
-            tmp.unlink()
-        _fsync_dir(target.parent)
+                view = memoryview(chunk)
+                digest.update(view)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                    size += n
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            _publish(tmp, target, overwrite)
+        except FileNotFoundError:
+            # The target directory went away (a clean-up in another process): make it again.
+            _make_dirs(parent)
+            _publish(tmp, target, overwrite)
+        _fsync_dir(parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
     return size, digest.hexdigest()
+
+
+def _publish(tmp: Path, target: Path, overwrite: bool) -> None:
+    if overwrite:
+        os.replace(tmp, target)
+    else:
+        os.link(tmp, target)
+        tmp.unlink()
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +167,8 @@ class FileStore:
         # Staging must share a filesystem with the target for rename to be atomic.
         self._spool_tmp = self.spool / ".tmp"
         self._spool_tmp.mkdir(exist_ok=True)
+        # Directories this process has made or seen (see atomic_write's known_dirs).
+        self._known_dirs: set[Path] = set()
 
     # -- space ------------------------------------------------------------
     def free_bytes(self) -> int:
@@ -137,13 +191,15 @@ class FileStore:
         return f"{study_uid}/{series_uid}/{sop_uid}.dcm"
 
     def write_instance(
-        self, study_uid: str, series_uid: str, sop_uid: str, chunks: Iterable[bytes]
+        self, study_uid: str, series_uid: str, sop_uid: str,
+        chunks: Iterable[bytes | memoryview],
     ) -> StoredFile:
         """Write a received instance; FileExistsError if that SOP instance is already stored."""
         rel = self.spool_relpath(study_uid, series_uid, sop_uid)
         target = self.spool / rel
         try:
-            size, sha = atomic_write(target, chunks, tmp_dir=self._spool_tmp)
+            size, sha = atomic_write(target, chunks, tmp_dir=self._spool_tmp,
+                                     known_dirs=self._known_dirs)
         except FileExistsError:
             raise
         except OSError as exc:
@@ -194,6 +250,7 @@ class FileStore:
         d = self.spool / study_uid / series_uid
         if d.is_dir() and valid_uid(study_uid) and valid_uid(series_uid):
             shutil.rmtree(d)
+            self._known_dirs.discard(d)
             with contextlib.suppress(OSError):
                 (self.spool / study_uid).rmdir()  # only if empty
 
