@@ -20,7 +20,7 @@ import struct
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["encode_file_meta", "scan", "store_response_command"]
+__all__ = ["decode_store_request", "encode_file_meta", "scan", "store_response_command"]
 
 _IMPLICIT_LE = "1.2.840.10008.1.2"
 # Syntaxes whose data set is not explicit VR little endian, other than implicit LE:
@@ -283,3 +283,55 @@ def store_response_command(
         _implicit(0x00001000, _uid(sop_instance_uid)),
     ))
     return _implicit(0x00000000, struct.pack("<L", len(body))) + body
+
+
+# C-STORE-RQ command elements (PS3.7 9.3.1.1): tag -> (keyword, VR).
+_STORE_RQ: dict[int, tuple[str, str]] = {
+    0x00000000: ("CommandGroupLength", "UL"),
+    0x00000002: ("AffectedSOPClassUID", "UI"),
+    0x00000100: ("CommandField", "US"),
+    0x00000110: ("MessageID", "US"),
+    0x00000700: ("Priority", "US"),
+    0x00000800: ("CommandDataSetType", "US"),
+    0x00001000: ("AffectedSOPInstanceUID", "UI"),
+    0x00001030: ("MoveOriginatorApplicationEntityTitle", "AE"),
+    0x00001031: ("MoveOriginatorMessageID", "US"),
+}
+
+
+def decode_store_request(command: bytes) -> dict[str, Any] | None:
+    """The elements of a C-STORE-RQ command set (implicit VR LE), or None.
+
+    None for anything but a well-formed C-STORE request with a data set and
+    only the elements PS3.7 lists for it: pynetdicom then decodes it as usual.
+    """
+    values: dict[str, Any] = {}
+    pos, end = 0, len(command)
+    try:
+        while pos < end:
+            group, elem, length = struct.unpack_from("<HHL", command, pos)
+            pos += 8
+            tag = (group << 16) | elem
+            if tag not in _STORE_RQ or pos + length > end or length == _UNDEFINED:
+                return None
+            keyword, vr = _STORE_RQ[tag]
+            raw = command[pos:pos + length]
+            pos += length
+            if vr == "US":
+                if length != 2:
+                    return None
+                values[keyword] = struct.unpack("<H", raw)[0]
+            elif vr == "UL":
+                if length != 4:
+                    return None
+            else:
+                text = _ascii(raw)
+                values[keyword] = text.rstrip("\0 ") if vr == "UI" else text.strip()
+    except (struct.error, UnicodeDecodeError, _UnsureError):
+        return None
+    if values.get("CommandField") != 0x0001 or values.get("CommandDataSetType") in (None, 0x0101):
+        return None
+    if not all(k in values for k in ("AffectedSOPClassUID", "AffectedSOPInstanceUID",
+                                     "MessageID")):
+        return None
+    return values

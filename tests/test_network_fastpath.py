@@ -1,0 +1,101 @@
+"""The receiver's own C-STORE decoding and response encoding (node.network.scp._FastStoreDIMSE)
+give pynetdicom's primitives and bytes; everything else still goes through pynetdicom."""
+
+from __future__ import annotations
+
+from io import BytesIO
+from typing import Any
+
+import pytest
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE
+from pynetdicom.pdu_primitives import P_DATA
+
+from node.network.scp import _FastStoreDIMSE
+from storage.part10 import decode_store_request
+
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+FIELDS = ("MessageID", "AffectedSOPClassUID", "AffectedSOPInstanceUID", "Priority",
+          "MoveOriginatorApplicationEntityTitle", "MoveOriginatorMessageID")
+
+
+def _provider(fast: bool) -> DIMSEServiceProvider:
+    assoc = Association(AE(), "acceptor")
+    if fast:
+        assoc.dimse.__class__ = _FastStoreDIMSE
+    return assoc.dimse
+
+
+def _store_request(move_originator: bool = False) -> C_STORE:
+    rq = C_STORE()
+    rq.MessageID = 11
+    rq.AffectedSOPClassUID = CT_IMAGE
+    rq.AffectedSOPInstanceUID = "1.2.3.4.5"
+    rq.Priority = 0x0002
+    if move_originator:
+        rq.MoveOriginatorApplicationEntityTitle = "MOVER"
+        rq.MoveOriginatorMessageID = 3
+    rq.DataSet = BytesIO(bytes(range(256)) * 1000)  # 256 KB, split over several PDUs
+    return rq
+
+
+def _pdata(primitive: Any, max_pdu: int) -> list[P_DATA]:
+    msg = (C_STORE_RQ if isinstance(primitive, C_STORE) else C_ECHO_RQ)()
+    msg.primitive_to_message(primitive)
+    return list(msg.encode_msg(1, max_pdu))
+
+
+def _receive(dimse: DIMSEServiceProvider, pdatas: list[P_DATA]) -> tuple[int, Any]:
+    for p in pdatas:
+        dimse.receive_primitive(p)
+    context_id, primitive = dimse.msg_queue.get_nowait()
+    assert dimse.msg_queue.empty()
+    return context_id, primitive
+
+
+@pytest.mark.parametrize("move_originator", [False, True])
+@pytest.mark.parametrize("max_pdu", [16384, 0])
+def test_store_request_decodes_as_pynetdicom_does(move_originator: bool, max_pdu: int) -> None:
+    pdatas = _pdata(_store_request(move_originator), max_pdu)
+    cx_fast, fast = _receive(_provider(True), pdatas)
+    cx_slow, slow = _receive(_provider(False), pdatas)
+    assert cx_fast == cx_slow == 1
+    for field in FIELDS:
+        assert getattr(fast, field) == getattr(slow, field), field
+    assert fast.DataSet.getvalue() == slow.DataSet.getvalue()
+    assert fast._context_id == slow._context_id == 1
+    assert fast.is_valid_request
+
+
+def test_two_requests_in_a_row_and_an_echo_between() -> None:
+    dimse = _provider(True)
+    echo = C_ECHO()
+    echo.MessageID = 5
+    echo.AffectedSOPClassUID = "1.2.840.10008.1.1"
+    for primitive in (_store_request(), echo, _store_request(True)):
+        _, got = _receive(dimse, _pdata(primitive, 16384))
+        assert type(got) is type(primitive)
+        assert got.MessageID == primitive.MessageID
+
+
+def test_unknown_command_elements_go_to_pynetdicom() -> None:
+    rq = _store_request()
+    first = _pdata(rq, 16384)[0]
+    ((_, command),) = first.presentation_data_value_list[:1]
+    assert decode_store_request(command[1:]) is not None
+    # An element PS3.7 does not list for C-STORE-RQ: the parser must decline it.
+    extra = b"\x00\x00\x00\x09\x02\x00\x00\x00\x00\x00"
+    assert decode_store_request(command[1:] + extra) is None
+    assert decode_store_request(command[1:-3]) is None  # truncated
+    assert decode_store_request(b"") is None
+
+
+def test_bound_dimse_handlers_get_pynetdicom_messages() -> None:
+    dimse = _provider(True)
+    seen: list[object] = []
+    dimse.assoc.bind(evt.EVT_DIMSE_RECV, lambda event: seen.append(event.message))
+    _, got = _receive(dimse, _pdata(_store_request(), 16384))
+    assert isinstance(got, C_STORE) and len(seen) == 1
