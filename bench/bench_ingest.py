@@ -8,7 +8,9 @@ duplicate of the last) and the three are measured in alternation, so a noisy
 neighbour on this shared machine hits all of them alike; the medians are
 printed. The node acknowledges each instance only after its file is fsynced
 and its row committed; Orthanc keeps its default fsync per file; storescp does
-not fsync (it is the C++ ceiling, not a fair durability peer).
+not fsync (it is the C++ ceiling, not a fair durability peer). Each server
+is sent to once it answers C-ECHO; the node also once its start-up work (the
+job thread's torch import) has settled, so the figure is a running node's.
 
 Series: the real CT (ct_phantom_philips, 28 x 512x512, explicit LE) and a
 synthetic 300-slice 512x512 CT cloned from it with fresh UIDs, each on one
@@ -89,6 +91,33 @@ def _children(pid: int) -> list[int]:
     return [int(x) for x in text.split()]
 
 
+def _cpu_s(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def wait_until_settled(pid: int, timeout: float = 60.0) -> None:
+    """Until the node's processes use under 20 % of a core over half a second.
+
+    Its job thread imports torch when it starts (seconds of CPU, once per
+    process lifetime); the benchmark measures a running node's ingest, not
+    that start-up.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = [pid, *_children(pid)]
+        before = _cpu_s(pids)
+        time.sleep(0.5)
+        if _cpu_s(pids) - before < 0.1:
+            return
+
+
 @contextmanager
 def node_target(tmp: Path, workers: int, peak: list[int]) -> Iterator[tuple[int, str]]:
     port = free_port()
@@ -112,6 +141,7 @@ def node_target(tmp: Path, workers: int, peak: list[int]) -> Iterator[tuple[int,
 
     try:
         wait_for(echo, timeout=90, what="node")
+        wait_until_settled(proc.pid)
         yield port, "AINODE"
         pids = [proc.pid, *_children(proc.pid)]
         peak.append(sum(_rss_kb(p) for p in pids))

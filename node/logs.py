@@ -114,3 +114,6 @@ def configure(level: str = "INFO", fmt: str = "keyvalue", file: Path | None = No
     # pynetdicom logs every PDU at DEBUG and dataset contents at some levels:
     # keep it at WARNING so no dataset (and no PHI) reaches the log.
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))
+    # APScheduler logs every run of every interval job at INFO (series completion runs
+    # each second): that would bury the node's own INFO lines.
+    logging.getLogger("apscheduler").setLevel(max(logging.WARNING, root.level))

@@ -20,7 +20,6 @@ import logging
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +30,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from node.config import NodeConfig
 from node.errors import ConfigError, NodeError, StorageError
+from node.network.dispatch import Dispatcher, channel_pair
 from node.network.scp import Receiver, ReceiverSettings
 from storage import migrate
 from storage.db import Database
@@ -51,14 +51,6 @@ def default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-def _port_in_use(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
 class NodeService:
     """Owns the database, the file store, the receivers and the scheduler of one node."""
 
@@ -75,6 +67,7 @@ class NodeService:
                                min_free_mb=s.min_free_mb)
         self.scheduler = BackgroundScheduler(timezone=UTC)
         self._receiver: Receiver | None = None
+        self._dispatcher: Dispatcher | None = None
         self._children: list[subprocess.Popen[bytes]] = []
         self.run_jobs = run_jobs
         self._jobs_stop = threading.Event()
@@ -93,15 +86,13 @@ class NodeService:
                         extra={"count": len(removed)})
         migrate.upgrade(self.db)
         settings = ReceiverSettings.from_config(self.config.dicom)
-        multi = self.workers > 1
-        if multi and settings.port != 0 and _port_in_use(settings.host, settings.port):
-            # SO_REUSEPORT would let us share the port with whoever holds it.
-            raise ConfigError(f"dicom.port {settings.port} on {settings.host} is in use")
-        self._receiver = Receiver(settings, Ingestor(self.db, self.store), reuse_port=multi)
+        self._dispatcher = Dispatcher() if self.workers > 1 else None
+        self._receiver = Receiver(settings, Ingestor(self.db, self.store),
+                                  dispatcher=self._dispatcher)
         self._receiver.start()
         try:
             for _ in range(self.workers - 1):
-                self._children.append(self._spawn_worker(self._receiver.port))
+                self._children.append(self._spawn_worker())
         except BaseException:
             self.stop()
             raise
@@ -141,16 +132,22 @@ class NodeService:
             )
             self._jobs_thread.start()
 
-    def _spawn_worker(self, port: int) -> subprocess.Popen[bytes]:
+    def _spawn_worker(self) -> subprocess.Popen[bytes]:
+        assert self._dispatcher is not None
+        ours, theirs = channel_pair()
         request = {
             "config": self.config.model_dump(mode="json"),
-            "port": port,
+            "channel_fd": theirs.fileno(),
             "parent_pid": os.getpid(),
         }
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "node.network.worker"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True,
-        )
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "node.network.worker"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True,
+                pass_fds=[theirs.fileno()],
+            )
+        finally:
+            theirs.close()
         assert proc.stdin is not None and proc.stdout is not None
         proc.stdin.write(json.dumps(request).encode() + b"\n")
         proc.stdin.close()
@@ -159,7 +156,9 @@ class NodeService:
         if not line.startswith(b"ready"):
             proc.kill()
             proc.wait(timeout=10)
+            ours.close()
             raise StorageError(f"receiver worker did not start (exit code {proc.returncode})")
+        self._dispatcher.add(ours, proc.pid)
         return proc
 
     def complete_series(self) -> list[CompletedSeries]:
@@ -195,6 +194,8 @@ class NodeService:
             if proc.stdout is not None:
                 proc.stdout.close()
         self._children = []
+        if self._dispatcher is not None:
+            self._dispatcher.close()
         if self._jobs_thread is not None:
             self._jobs_thread.join(timeout=grace_s)
             self._jobs_thread = None

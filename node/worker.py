@@ -163,8 +163,10 @@ class Worker:
 
     @property
     def device(self) -> str:
-        """Resolved at the first job: ``auto`` imports torch (seconds of CPU), which a
-        node that has only just started, and is already receiving, should not pay."""
+        """Resolved on the job-running thread before its first claim, not when the
+        Worker is made: ``auto`` imports torch (seconds of CPU), which must neither hold
+        up the node's start-up on its main thread nor count against a job's time
+        limit or lease."""
         if self._device is None:
             self._device = resolve_device(self.config.inference.device)
         return self._device
@@ -179,6 +181,7 @@ class Worker:
         if not self._slots.acquire(blocking=False):
             return None
         try:
+            _ = self.device
             job_id = job_store.claim_next(self.db, self.name, lease_s=self.lease_s)
             if job_id is not None:
                 self._supervise(job_id)
@@ -198,6 +201,7 @@ class Worker:
     def serve(self, stop: threading.Event, *, poll_s: float = 2.0) -> None:
         """Run jobs on ``concurrency`` slot threads until ``stop`` is set."""
         def slot() -> None:
+            _ = self.device
             while not stop.is_set():
                 try:
                     job_id = job_store.claim_next(self.db, self.name, lease_s=self.lease_s)

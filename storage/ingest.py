@@ -29,15 +29,19 @@ stored SOP Instance UID goes to quarantine and raises ConflictError.
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import fcntl
 import hashlib
 import logging
+import os
 import queue
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from io import BytesIO
+from pathlib import Path
 from typing import Any, cast
 
 import pydicom
@@ -341,6 +345,32 @@ class _Recorded:
 _STOP = object()
 
 
+class _WriterTurn:
+    """An exclusive flock on a file beside the SQLite database, held around one commit.
+
+    Advisory and only among receive-path committers (other writers still meet
+    SQLite's own locking); the kernel releases it if the process dies.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._fd: int | None = None
+
+    def __enter__(self) -> None:
+        if self._fd is None:
+            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+
 class _GroupCommitter:
     """One thread that commits the rows of every association of this process.
 
@@ -352,6 +382,14 @@ class _GroupCommitter:
     progress share the next transaction and its one fsync (group commit). Each
     row runs under its own SAVEPOINT, so one failing row fails alone; a failed
     COMMIT fails every row of the batch, none of which has been acknowledged.
+
+    With SQLite and several receiver processes, the committers of the
+    processes take turns through a lock file (``_WriterTurn``) before BEGIN
+    IMMEDIATE: SQLite's own busy handler polls a held write lock with sleeps
+    of 1, 2, 5, 10 ms..., which with four senders cost a mean 1.3 ms (up to
+    12 ms) per commit; a blocking flock hands the turn over the moment the
+    holder is done, and rows queue meanwhile, so the next turn commits them
+    together.
     """
 
     def __init__(self, db: Database, *, max_batch: int = 64) -> None:
@@ -359,6 +397,9 @@ class _GroupCommitter:
         self._max_batch = max_batch
         self._stmts = _receive_statements(db.engine.dialect)
         self._sqlite = db.engine.dialect.name == "sqlite"
+        database = db.engine.url.database if self._sqlite else None
+        on_disk = database not in (None, "", ":memory:") and not str(database).startswith("file:")
+        self._turn = _WriterTurn(Path(f"{database}-ingest.lock")) if on_disk else None
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -380,6 +421,8 @@ class _GroupCommitter:
         if thread is not None and thread.is_alive():
             self._queue.put(_STOP)
             thread.join(timeout=10)
+        if self._turn is not None and (thread is None or not thread.is_alive()):
+            self._turn.close()
 
     def _run(self) -> None:
         while True:
@@ -406,8 +449,11 @@ class _GroupCommitter:
             for _, done in batch:
                 done.set_exception(StorageError(f"cannot open the database: {exc}"))
             return
+        stack = contextlib.ExitStack()
         try:
             cur = conn.cursor()
+            if self._turn is not None:
+                stack.enter_context(self._turn)
             if self._sqlite:
                 # Take the write lock up front: a deferred transaction that reads
                 # first can deadlock against another receiver process.
@@ -436,6 +482,7 @@ class _GroupCommitter:
                 done.set_exception(StorageError(f"cannot commit received instances: {exc}"))
             return
         finally:
+            stack.close()
             conn.close()
         for (row, done), result in zip(batch, results, strict=True):
             if isinstance(result, BaseException):

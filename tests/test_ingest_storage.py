@@ -216,3 +216,30 @@ def test_concurrent_associations_share_commits_and_each_instance_is_recorded_onc
     assert len(_events(any_db, "instance.received")) == len(datas)
     assert len(_events(any_db, "instance.duplicate")) == len(datas)
     assert len(list(filestore.spool.rglob("*.dcm"))) == len(datas)
+
+
+def test_two_ingestors_like_two_receiver_processes_take_turns(
+    sqlite_db: Database, filestore: FileStore
+) -> None:
+    """Two Ingestors on one SQLite file (as two receiver processes have): their commit
+    threads take turns through the lock file, and the duplicates race between them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ingestors = [Ingestor(sqlite_db, filestore), Ingestor(sqlite_db, filestore)]
+    datas = [f.read_bytes() for f in _files("ct_phantom_philips")]
+    ts = _ts(datas[0])
+    try:
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            results = list(pool.map(
+                lambda job: ingestors[job[0]].ingest(job[1], transfer_syntax_uid=ts, peer=PEER),
+                [(i, d) for d in datas for i in (0, 1)],
+            ))
+    finally:
+        for ing in ingestors:
+            ing.close()
+    assert sum(r.outcome is IngestOutcome.STORED for r in results) == len(datas)
+    lock = Path(f"{sqlite_db.engine.url.database}-ingest.lock")
+    assert lock.exists()
+    with sqlite_db.session() as s:
+        n_rows = s.execute(sa.select(sa.func.count()).select_from(Instance)).scalar_one()
+    assert n_rows == len(datas)

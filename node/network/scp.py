@@ -18,6 +18,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Any, cast
@@ -42,6 +43,7 @@ from node.errors import ConfigError, ConflictError, InputError, OutOfSpaceError,
 from node.network import status
 from node.network.acl import AccessPolicy
 from node.network.contexts import prefer_requestor_order, supported_contexts
+from node.network.dispatch import Dispatcher
 from node.network.tls import server_context
 from storage.audit import audit
 from storage.db import Database
@@ -341,46 +343,89 @@ class _RequestHandler(RequestHandler):
             sock.__class__ = _BulkRecvSocket
         if type(assoc.dimse) is DIMSEServiceProvider:
             assoc.dimse.__class__ = _FastStoreDIMSE
+        server = cast(_Server, self.server)
+        if server.dispatcher is not None or server.on_end is not None:
+            # The association runs on its own thread, started by handle(); its end
+            # (release, abort or a dropped connection) is the end of that thread.
+            run = assoc.run
+
+            def run_then_report() -> None:
+                try:
+                    run()
+                finally:
+                    server.association_ended()
+
+            assoc.run = run_then_report  # type: ignore[method-assign]
         return assoc
 
 
 class _Server(ThreadedAssociationServer):
-    """pynetdicom's threaded server plus TCP_NODELAY and, optionally, SO_REUSEPORT.
+    """pynetdicom's threaded server plus TCP_NODELAY and, in a node with several
+    receiver processes, the hand-over of connections (node.network.dispatch).
 
     TCP_NODELAY: a C-STORE response is a small PDU; Nagle would hold it back.
-    SO_REUSEPORT: several receiver processes listen on one port and the kernel
-    spreads associations over them (pynetdicom's receive path is CPU bound and
-    one process holds one core).
     """
 
-    reuse_port: bool = False
-
-    def server_bind(self) -> None:
-        if self.reuse_port and self.socket is not None:
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+    dispatcher: Dispatcher | None = None  # main process: pass connections on
+    on_end: Callable[[], None] | None = None  # receiver process: report ended associations
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        sock, address = super().get_request()
+        if self.dispatcher is None:
+            sock, address = super().get_request()  # TLS-wrapped here when configured
+        else:
+            # The TLS handshake waits for the process that will serve the connection.
+            sock, address = cast(socket.socket, self.socket).accept()
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock, address
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        dispatcher = self.dispatcher
+        if dispatcher is not None:
+            if dispatcher.hand_over(request, client_address):
+                request.close()  # our copy; never shutdown(), the connection lives on
+                return
+            try:
+                request = self.wrap(request)
+            except OSError as exc:
+                dispatcher.local_done()
+                log.warning("TLS handshake failed", extra={"error": str(exc)})
+                request.close()
+                return
+        super().process_request(request, client_address)
 
-class _ReusePortServer(_Server):
-    reuse_port = True
+    def wrap(self, sock: socket.socket) -> socket.socket:
+        context = self.ssl_context
+        return context.wrap_socket(sock, server_side=True) if context else sock
+
+    def association_ended(self) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.local_done()
+        if self.on_end is not None:
+            self.on_end()
 
 
 class Receiver:
-    """One AE listening on one socket; start() returns once it accepts connections."""
+    """One AE; start() returns once it accepts connections.
+
+    Three roles: a node with one receiver process listens and serves; with
+    several, the main process's receiver listens and passes each connection to
+    the least busy process (``dispatcher``), and the receivers of the other
+    processes (``adopt_only``) listen on nothing and serve what ``adopt`` hands
+    them.
+    """
 
     def __init__(
-        self, settings: ReceiverSettings, ingestor: Ingestor, *, reuse_port: bool = False
+        self, settings: ReceiverSettings, ingestor: Ingestor, *,
+        dispatcher: Dispatcher | None = None, adopt_only: bool = False,
+        on_end: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self.ingestor = ingestor
         self.policy = AccessPolicy.from_config(settings.callers)
-        self.reuse_port = reuse_port
+        self.dispatcher = dispatcher
+        self.adopt_only = adopt_only
+        self.on_end = on_end
         self._server: _Server | None = None
         self._ae = self._make_ae()
 
@@ -412,23 +457,42 @@ class Receiver:
         ]
         if self.policy.open:
             log.warning("dicom.allowed_callers is empty: any calling AE may store to this node")
-        server_class = _ReusePortServer if self.reuse_port else _Server
+        # An adopt-only receiver binds a throw-away loopback port (pynetdicom's server
+        # needs a socket) and closes it at once: it never accepts anything itself.
+        address = ("127.0.0.1", 0) if self.adopt_only else (s.host, s.port)
         try:
             server = self._ae.make_server(
-                (s.host, s.port), ae_title=s.ae_title, ssl_context=server_context(s.tls),
-                evt_handlers=handlers, server_class=server_class,
-                request_handler=_RequestHandler,
+                address, ae_title=s.ae_title, ssl_context=server_context(s.tls),
+                evt_handlers=handlers, server_class=_Server, request_handler=_RequestHandler,
             )
         except OSError as exc:
             raise ConfigError(f"dicom: cannot listen on {s.host}:{s.port}: {exc.strerror}") from exc
         self._ae._servers.append(server)  # so pynetdicom's own shutdown finds it
         self._server = cast(_Server, server)
+        self._server.dispatcher = self.dispatcher
+        self._server.on_end = self.on_end
+        if self.adopt_only:
+            cast(socket.socket, self._server.socket).close()
+            return
         thread = threading.Thread(target=server.serve_forever, name="dicom-acceptor",
                                   daemon=True)
         thread.start()
         log.info("DICOM receiver listening",
                  extra={"ae_title": s.ae_title, "host": s.host, "port": self.port,
                         "tls": s.tls.enabled})
+
+    def adopt(self, sock: socket.socket, address: tuple[str, int]) -> None:
+        """Serve a connection another process accepted (TLS handshake here)."""
+        server = self._server
+        if server is None:
+            sock.close()
+            raise RuntimeError("receiver not started")
+        try:
+            sock = server.wrap(sock)
+        except OSError:
+            sock.close()
+            raise
+        server.process_request(sock, address)
 
     def stop(self, grace_s: float = 10.0) -> None:
         """Stop accepting, give running associations ``grace_s`` to finish, abort the rest.
@@ -438,8 +502,9 @@ class Receiver:
         server, self._server = self._server, None
         if server is None:
             return
-        server.shutdown()
-        server.server_close()
+        if not self.adopt_only:  # shutdown() waits for a serve_forever loop
+            server.shutdown()
+            server.server_close()
         deadline = time.monotonic() + grace_s
         while server.active_associations and time.monotonic() < deadline:
             time.sleep(0.05)
