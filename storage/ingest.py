@@ -583,20 +583,18 @@ class Ingestor:
         # so an existing file (link() refuses to replace it) or an existing row
         # (the insert's ON CONFLICT) is how a repeat shows itself.
         try:
-            stored = self.store.write_instance(
+            held = self.store.write_instance_held(
                 header.study_uid, header.series_uid, header.sop_instance_uid, [part10]
             )
         except FileExistsError:
             sha = hashlib.sha256(part10).hexdigest()
-            existing = self._existing(header.sop_instance_uid)
-            if existing is not None:
-                return self._repeat(existing, header, part10, sha, peer)
-            # A complete file without a row: an earlier attempt crashed before its
-            # commit (never acknowledged), or another association is mid-way.
-            return self._orphan(header, part10, sha, transfer_syntax_uid, peer)
+            return self._file_exists(header, part10, sha, transfer_syntax_uid, peer)
         except OSError as exc:
             raise StorageError(f"cannot write instance: {exc}") from exc
-        return self._record(header, stored, transfer_syntax_uid, peer, part10)
+        # The file stays locked until its row is committed (or refused): a concurrent
+        # store of the same SOP instance waits for the outcome instead of guessing.
+        with held:
+            return self._record(header, held.stored, transfer_syntax_uid, peer, part10)
 
     # -- internals -------------------------------------------------------------
     def _existing(self, sop_uid: str) -> tuple[int, int, str, str] | None:
@@ -646,18 +644,39 @@ class Ingestor:
             f"SOP Instance UID {header.sop_instance_uid} is already stored with other content"
         )
 
-    def _orphan(
+    def _file_exists(
         self, header: InstanceHeader, part10: bytes, sha: str, transfer_syntax_uid: str,
         peer: Peer,
     ) -> IngestResult:
+        """The spool already has a file for this SOP instance: a repeat, a conflict, or
+        the leftover of a store that never completed (so was never acknowledged)."""
         rel = self.store.spool_relpath(header.study_uid, header.series_uid,
                                        header.sop_instance_uid)
-        path = self.store.spool_path(rel)
-        on_disk = hashlib.sha256(path.read_bytes()).hexdigest()
-        if on_disk != sha:
-            return self._conflict(header, part10, sha, peer, stored_sha=on_disk)
-        stored = StoredFile(path, rel, len(part10), sha)
-        return self._record(header, stored, transfer_syntax_uid, peer, part10)
+        try:
+            held = self.store.lock_existing(rel)  # waits while its writer is at work
+        except FileNotFoundError as exc:  # removed meanwhile: the sender will retry
+            raise StorageError(f"spool file {rel} vanished during the store") from exc
+        except OSError as exc:
+            raise StorageError(f"cannot read {rel}: {exc}") from exc
+        with held:
+            existing = self._existing(header.sop_instance_uid)
+            if existing is not None:
+                return self._repeat(existing, header, part10, sha, peer)
+            if held.stored.sha256 == sha:
+                # A complete file without a row: the earlier attempt crashed before
+                # its commit. Record it now.
+                return self._record(header, held.stored, transfer_syntax_uid, peer, part10)
+            # Different bytes and no row: a store that crashed before its data was
+            # durable (or never finished). Nobody was told it was stored; replace it,
+            # still holding the old file's lock so no one else decides meanwhile.
+            log.warning("unrecorded partial spool file replaced",
+                        extra={"sop_instance_uid": header.sop_instance_uid})
+            try:
+                fresh = self.store.replace_unrecorded(rel, [part10])
+            except OSError as exc:
+                raise StorageError(f"cannot write instance: {exc}") from exc
+            with fresh:
+                return self._record(header, fresh.stored, transfer_syntax_uid, peer, part10)
 
     def _record(
         self, header: InstanceHeader, stored: StoredFile, transfer_syntax_uid: str, peer: Peer,

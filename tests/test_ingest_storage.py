@@ -115,6 +115,58 @@ def test_orphan_file_from_a_crash_is_recorded_when_the_sender_retries(
         assert s.execute(sa.select(sa.func.count(Instance.id))).scalar_one() == 1
 
 
+def test_unrecorded_partial_file_is_replaced_when_the_sender_retries(
+    any_db: Database, filestore: FileStore
+) -> None:
+    # A power cut after the file got its name but before its data was on disk: a
+    # file of the wrong bytes and no row. It was never acknowledged; the retry wins.
+    data = _files("ct_phantom_philips")[2].read_bytes()
+    header = read_header(data)
+    filestore.write_instance(header.study_uid, header.series_uid, header.sop_instance_uid,
+                             [b"\0" * 4096])
+    result = Ingestor(any_db, filestore).ingest(data, transfer_syntax_uid=_ts(data), peer=PEER)
+    assert result.outcome is IngestOutcome.STORED
+    assert filestore.spool_path(result.relpath).read_bytes() == data
+    assert _events(any_db, "instance.conflict") == []
+    assert list(filestore.quarantine.iterdir()) == []
+
+
+def test_a_store_of_the_same_instance_waits_for_the_one_in_progress(
+    any_db: Database, filestore: FileStore
+) -> None:
+    """While a file is written and not yet recorded its flock is held: a second
+    store of the same SOP instance with other bytes waits, then sees the row and
+    reports a conflict, instead of taking the file for a crash leftover."""
+    import threading
+
+    first = _files("ct_phantom_philips")[3].read_bytes()
+    header = read_header(first)
+    changed = bytearray(first)
+    changed[-1] ^= 0xFF
+    ingestor = Ingestor(any_db, filestore)
+    held = filestore.write_instance_held(header.study_uid, header.series_uid,
+                                         header.sop_instance_uid, [first])
+    outcome: list[object] = []
+
+    def second() -> None:
+        try:
+            outcome.append(ingestor.ingest(bytes(changed), transfer_syntax_uid=_ts(first),
+                                           peer=PEER))
+        except ConflictError as exc:
+            outcome.append(exc)
+
+    t = threading.Thread(target=second)
+    t.start()
+    t.join(0.5)
+    assert t.is_alive()  # waiting on the lock, not deciding
+    with held:  # the first store records its row, then lets go
+        ingestor._record(header, held.stored, _ts(first), PEER, first)
+    t.join(10)
+    assert len(outcome) == 1 and isinstance(outcome[0], ConflictError)
+    assert filestore.spool_path(held.stored.relpath).read_bytes() == first
+    ingestor.close()
+
+
 def test_unrepaired_siemens_files_with_empty_uids_are_refused_and_audited(
     sqlite_db: Database, filestore: FileStore
 ) -> None:
