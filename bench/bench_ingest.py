@@ -4,9 +4,11 @@
         [--slices 300] [--only SUBSTRING]    # e.g. --skip-real --only "4 senders"
 
 Every receiver is fresh for every run (new data directory, so no run is a
-duplicate of the last) and the three are measured in alternation, so a noisy
-neighbour on this shared machine hits all of them alike; the medians are
-printed. The node acknowledges each instance only after its file is fsynced
+duplicate of the last) and the three are measured in alternation, each run
+starting with another of them, so a noisy neighbour on this shared machine
+hits all of them alike; the medians are printed. Dirty pages are flushed
+(``sync``) before each measurement, so no receiver pays for the previous
+one's unsynced writes. The node acknowledges each instance only after its file is fsynced
 and its row committed; Orthanc keeps its default fsync per file; storescp does
 not fsync (it is the C++ ceiling, not a fair durability peer). Each server
 is sent to once it answers C-ECHO; the node also once its start-up work (the
@@ -215,11 +217,17 @@ def main() -> None:
             n = sum(len(list(d.glob("*.dcm"))) for d in dirs)
             mb = sum(f.stat().st_size for d in dirs for f in d.glob("*.dcm")) / 1e6
             times: dict[str, list[float]] = {t: [] for t in targets}
+            order = list(targets)
             for run in range(args.runs):
-                for tname, factory in targets.items():
+                # Each run starts with another target, so none always follows the same one.
+                k = run % len(order)
+                for tname in order[k:] + order[:k]:
                     work = root / f"w-{tname}-{run}-{time.monotonic_ns()}"
                     work.mkdir()
-                    with factory(work) as (port, aec):  # type: ignore[attr-defined]
+                    with targets[tname](work) as (port, aec):  # type: ignore[attr-defined]
+                        # storescp never fsyncs: without this its hundreds of MB would be
+                        # written back while the next receiver's fsyncs wait behind them.
+                        os.sync()
                         times[tname].append(send(port, aec, dirs))
                     shutil.rmtree(work, ignore_errors=True)
             med = {t: statistics.median(v) for t, v in times.items()}
