@@ -2,7 +2,8 @@
 
 Start-up order is chosen for crash recovery: staging files left by a killed
 node are removed first (they were never acknowledged), the schema is brought
-to head, and only then does the port open. The scheduler runs series
+to head, the files of the last instances received are checked against their
+rows (``storage.ingest.verify_recent``), and only then does the port open. The scheduler runs series
 completion every second and the orchestration tasks (routing, requeueing
 orphaned jobs, sending results, spool retention) on their own intervals.
 
@@ -35,7 +36,7 @@ from node.network.scp import Receiver, ReceiverSettings
 from storage import migrate
 from storage.db import Database
 from storage.filestore import FileStore
-from storage.ingest import Ingestor
+from storage.ingest import Ingestor, verify_recent
 from storage.models import utcnow
 from storage.series import CompletedSeries, close_stable_series
 
@@ -85,6 +86,7 @@ class NodeService:
             log.warning("removed partial files left by an earlier crash",
                         extra={"count": len(removed)})
         migrate.upgrade(self.db)
+        verify_recent(self.db, self.store)
         settings = ReceiverSettings.from_config(self.config.dicom)
         self._dispatcher = Dispatcher() if self.workers > 1 else None
         self._receiver = Receiver(settings, Ingestor(self.db, self.store),

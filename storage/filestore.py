@@ -102,6 +102,7 @@ def _write(
     known_dirs: set[Path] | None,
     sync_first: bool,
     hold: bool,
+    sync: bool = True,
 ) -> tuple[int, str, int | None]:
     """The one write path. ``sync_first``: fsync the staged file before it gets its
     name (what ``atomic_write`` promises); otherwise name it first, then fsync (see
@@ -134,7 +135,7 @@ def _write(
                 size += n
         if hold:
             fcntl.flock(fd, fcntl.LOCK_EX)
-        if sync_first:
+        if sync_first and sync:
             os.fsync(fd)
         try:
             _publish(tmp, target, overwrite)
@@ -142,9 +143,10 @@ def _write(
             # The target directory went away (a clean-up in another process): make it again.
             _make_dirs(parent)
             _publish(tmp, target, overwrite)
-        if not sync_first:
-            os.fsync(fd)
-        _fsync_dir(parent)
+        if sync:
+            if not sync_first:
+                os.fsync(fd)
+            _fsync_dir(parent)
         keep = hold
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -178,6 +180,17 @@ class HeldFile:
 
     stored: StoredFile
     fd: int | None
+    synced: bool = True
+
+    def sync(self) -> None:
+        """fsync the file, then its directory (when written with ``sync=False``)."""
+        if self.synced:
+            return
+        if self.fd is None:
+            raise RuntimeError("sync() after release()")
+        os.fsync(self.fd)
+        _fsync_dir(self.stored.path.parent)
+        self.synced = True
 
     def release(self) -> None:
         fd, self.fd = self.fd, None
@@ -247,7 +260,7 @@ class FileStore:
 
     def write_instance_held(
         self, study_uid: str, series_uid: str, sop_uid: str,
-        chunks: Iterable[bytes | memoryview], *, name_first: bool = True,
+        chunks: Iterable[bytes | memoryview], *, name_first: bool = True, sync: bool = True,
     ) -> HeldFile:
         """Write a received instance and keep an exclusive flock on it until released.
 
@@ -260,19 +273,21 @@ class FileStore:
         the fsync can leave a named file whose data never reached the disk; it
         was never acknowledged and has no row, and the lock tells a concurrent
         store of the same SOP instance (which waits for it) from such a
-        leftover (which it may replace: ``replace_unrecorded``).
+        leftover (which it may replace: ``replace_unrecorded``). ``sync=False``
+        leaves the fsyncs to ``HeldFile.sync`` (the caller overlaps them with the
+        row's commit).
         """
         rel = self.spool_relpath(study_uid, series_uid, sop_uid)
         target = self.spool / rel
         try:
             size, sha, fd = _write(target, chunks, tmp_dir=self._spool_tmp, overwrite=False,
                                    known_dirs=self._known_dirs, sync_first=not name_first,
-                                   hold=True)
+                                   hold=True, sync=sync)
         except FileExistsError:
             raise
         except OSError as exc:
             raise StorageError(f"cannot write {rel}: {exc.strerror}") from exc
-        return HeldFile(StoredFile(target, rel, size, sha), fd)
+        return HeldFile(StoredFile(target, rel, size, sha), fd, synced=sync)
 
     def lock_existing(self, relpath: str) -> HeldFile:
         """Wait for the writer of a spool file (if one is still at work) and hold it."""

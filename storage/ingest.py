@@ -40,13 +40,14 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from datetime import timedelta
 from io import BytesIO
 from pathlib import Path
 from typing import Any, cast
 
 import pydicom
 from pydicom.errors import InvalidDicomError
-from sqlalchemy import Dialect, Table, bindparam, insert, select, update
+from sqlalchemy import Dialect, Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -404,8 +405,8 @@ class _GroupCommitter:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def record(self, row: _Row) -> _Recorded | None:
-        """Block until ``row`` is committed; None if the SOP instance was already recorded."""
+    def submit(self, row: _Row) -> Future[_Recorded | None]:
+        """Queue ``row``; the future resolves once it is committed (None: already recorded)."""
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="ingest-commit",
@@ -413,7 +414,11 @@ class _GroupCommitter:
                 self._thread.start()
         done: Future[_Recorded | None] = Future()
         self._queue.put((row, done))
-        return done.result()
+        return done
+
+    def record(self, row: _Row) -> _Recorded | None:
+        """Block until ``row`` is committed; None if the SOP instance was already recorded."""
+        return self.submit(row).result()
 
     def close(self) -> None:
         with self._lock:
@@ -584,7 +589,8 @@ class Ingestor:
         # (the insert's ON CONFLICT) is how a repeat shows itself.
         try:
             held = self.store.write_instance_held(
-                header.study_uid, header.series_uid, header.sop_instance_uid, [part10]
+                header.study_uid, header.series_uid, header.sop_instance_uid, [part10],
+                sync=False,
             )
         except FileExistsError:
             sha = hashlib.sha256(part10).hexdigest()
@@ -593,8 +599,10 @@ class Ingestor:
             raise StorageError(f"cannot write instance: {exc}") from exc
         # The file stays locked until its row is committed (or refused): a concurrent
         # store of the same SOP instance waits for the outcome instead of guessing.
+        # Its fsync runs while the row commits: the two waits on the disk overlap.
         with held:
-            return self._record(header, held.stored, transfer_syntax_uid, peer, part10)
+            return self._record(header, held.stored, transfer_syntax_uid, peer, part10,
+                                durable=held.sync)
 
     # -- internals -------------------------------------------------------------
     def _existing(self, sop_uid: str) -> tuple[int, int, str, str] | None:
@@ -680,9 +688,28 @@ class Ingestor:
 
     def _record(
         self, header: InstanceHeader, stored: StoredFile, transfer_syntax_uid: str, peer: Peer,
-        part10: bytes,
+        part10: bytes, *, durable: Callable[[], None] | None = None,
     ) -> IngestResult:
-        recorded = self._committer.record(_Row(header, stored, transfer_syntax_uid, peer))
+        """Commit the row; with ``durable``, make the file durable while it commits.
+
+        Either way the caller acknowledges only after both. The row may reach
+        the disk a moment before the file; a power cut in that moment leaves a
+        row for an unacknowledged instance whose file is incomplete, which
+        ``verify_recent`` finds and removes at the next start.
+        """
+        pending = self._committer.submit(_Row(header, stored, transfer_syntax_uid, peer))
+        if durable is not None:
+            try:
+                durable()
+            except OSError as exc:
+                try:
+                    done = pending.result()
+                except StorageError:
+                    done = None
+                if done is not None:
+                    self._forget(done, stored, reason=f"fsync failed: {exc}")
+                raise StorageError(f"cannot make the instance durable: {exc}") from exc
+        recorded = pending.result()
         if recorded is not None:
             return IngestResult(IngestOutcome.STORED, recorded.instance_id, recorded.series_id,
                                 stored.relpath, reopened=recorded.reopened)
@@ -695,6 +722,17 @@ class Ingestor:
             # Our file at the other path is recorded nowhere and was never acknowledged.
             stored.path.unlink(missing_ok=True)
         return self._repeat(existing, header, part10, stored.sha256, peer)
+
+    def _forget(self, recorded: _Recorded, stored: StoredFile, *, reason: str) -> None:
+        """Undo a committed row whose file could not be made durable (never acknowledged)."""
+        try:
+            with self.db.session() as s:
+                _remove_rows(s, [(recorded.instance_id, recorded.series_id, stored.size)])
+                audit(s, "instance.write_failed", outcome="failure",
+                      instance_id=recorded.instance_id, reason=reason[:500])
+        except SQLAlchemyError:
+            log.exception("could not undo the row of an instance that failed to write")
+        stored.path.unlink(missing_ok=True)
 
     def _audit_refusal(
         self, event: str, peer: Peer, reason: str, message: str, *,
@@ -709,3 +747,53 @@ class Ingestor:
             log.exception("could not audit a refused instance", extra={"reason": reason})
         log.warning("instance refused", extra={"reason": reason, "sop_instance_uid": sop})
 
+
+
+def _remove_rows(session: Any, rows: Sequence[tuple[int, int, int]]) -> None:
+    """Delete instance rows and take them off their series' counters."""
+    for instance_id, series_id, size in rows:
+        session.execute(delete(Instance).where(Instance.id == instance_id))
+        session.execute(update(Series).where(Series.id == series_id).values(
+            instance_count=Series.instance_count - 1, size_bytes=Series.size_bytes - size))
+
+
+def verify_recent(db: Database, store: FileStore, window_s: float = 300.0) -> list[str]:
+    """At start-up: check the files of the instances received last before the stop.
+
+    A row is committed while its file's fsync is still running (see
+    ``Ingestor._record``); after a power cut in that moment the row can name
+    a file that is missing or incomplete. Such an instance was never
+    acknowledged (acknowledgement waits for both), so its row is removed and
+    audited and the sender's retry stores it afresh. Only the rows of the
+    last ``window_s`` seconds before the newest one are read back: older
+    ones were durable long before the stop. Returns the SOP Instance UIDs removed.
+    """
+    removed: list[str] = []
+    with db.session() as s:
+        newest = s.scalar(select(func.max(Instance.received_at)))
+        if newest is None:
+            return removed
+        rows = s.execute(
+            select(Instance.id, Instance.series_id, Instance.size_bytes, Instance.path,
+                   Instance.sha256, Instance.sop_instance_uid)
+            .where(Instance.received_at >= newest - timedelta(seconds=window_s))
+        ).all()
+        bad: list[tuple[int, int, int]] = []
+        for iid, sid, size, relpath, sha, sop in rows:
+            try:
+                ok = hashlib.sha256(store.spool_path(relpath).read_bytes()).hexdigest() == sha
+            except (OSError, StorageError):
+                ok = False
+            if not ok:
+                bad.append((iid, sid, size))
+                removed.append(sop)
+                audit(s, "instance.unverified_removed", outcome="warning",
+                      sop_instance_uid=sop, instance_id=iid,
+                      reason="file missing or not what was recorded after an unclean stop")
+                with contextlib.suppress(OSError, StorageError):
+                    store.spool_path(relpath).unlink(missing_ok=True)
+        _remove_rows(s, bad)
+    if removed:
+        log.warning("removed rows of unacknowledged instances whose files were incomplete",
+                    extra={"count": len(removed)})
+    return removed

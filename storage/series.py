@@ -86,14 +86,17 @@ def close_stable_series(db: Database, stable_age_s: float, now: datetime) -> lis
         with db.session() as s:
             candidates = s.execute(
                 select(Series.id).where(
-                    Series.state == SeriesState.RECEIVING, Series.last_received_at <= cutoff
+                    Series.state == SeriesState.RECEIVING, Series.last_received_at <= cutoff,
+                    # A series whose only rows were undone (a failed write, the start-up
+                    # check) has nothing to route; it waits for its instances.
+                    Series.instance_count > 0,
                 )
             ).scalars().all()
             for series_id in candidates:
                 row = s.execute(
                     update(Series)
                     .where(Series.id == series_id, Series.state == SeriesState.RECEIVING,
-                           Series.last_received_at <= cutoff)
+                           Series.last_received_at <= cutoff, Series.instance_count > 0)
                     .values(state=SeriesState.COMPLETE, completed_at=now)
                     .returning(Series.series_instance_uid, Series.instance_count,
                                Series.reopened_count, Series.study_id)

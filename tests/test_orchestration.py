@@ -67,6 +67,7 @@ def add_series(db: Database, n: int, *, state: SeriesState = SeriesState.COMPLET
         when = utcnow() - timedelta(seconds=ago_s)
         s.add(Series(series_instance_uid=uid, study=study, modality=attrs.pop("Modality"),
                      series_description=attrs.pop("SeriesDescription", None), state=state,
+                     instance_count=attrs.pop("instance_count", 1),
                      last_received_at=when, first_received_at=when, attributes=attrs))
     return uid
 
