@@ -121,7 +121,7 @@ def wait_until_settled(pid: int, timeout: float = 60.0) -> None:
 
 
 @contextmanager
-def node_target(tmp: Path, workers: int, peak: list[int]) -> Iterator[tuple[int, str]]:
+def node_target(tmp: Path, workers: int | None, peak: list[int]) -> Iterator[tuple[int, str]]:
     port = free_port()
     cfg = tmp / "node.yaml"
     cfg.write_text(yaml.safe_dump({
@@ -129,8 +129,9 @@ def node_target(tmp: Path, workers: int, peak: list[int]) -> Iterator[tuple[int,
         "storage": {"data_dir": str(tmp / "data"), "min_free_mb": 512},
         "logging": {"level": "WARNING"},
     }))
+    extra = ["--workers", str(workers)] if workers else []
     proc = subprocess.Popen([sys.executable, "-m", "node", "--config", str(cfg), "serve",
-                             "--workers", str(workers)], cwd=REPO,
+                             *extra], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
 
@@ -184,7 +185,8 @@ def orthanc_target(tmp: Path) -> Iterator[tuple[int, str]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)))
+    ap.add_argument("--workers", type=int, default=None,
+                    help="receiver processes (default: the node's own default)")
     ap.add_argument("--slices", type=int, default=300)
     ap.add_argument("--skip-real", action="store_true")
     ap.add_argument("--only", default="", help="run only the cases whose name contains this")
@@ -208,7 +210,10 @@ def main() -> None:
             "orthanc": orthanc_target,
             "storescp": storescp_target,
         }
-        print(f"machine: {os.cpu_count()} cores, no GPU; node workers={args.workers}; "
+        from node.service import default_workers
+
+        workers = args.workers or default_workers()
+        print(f"machine: {os.cpu_count()} cores, no GPU; node receiver processes={workers}; "
               f"runs={args.runs} (median), targets alternate within each run")
         header = (f"{'case':40} {'target':9} {'inst/s':>8} {'MB/s':>7}"
                   f" {'node/orthanc':>13} {'node/storescp':>14}")

@@ -163,10 +163,10 @@ class Worker:
 
     @property
     def device(self) -> str:
-        """Resolved on the job-running thread before its first claim, not when the
-        Worker is made: ``auto`` imports torch (seconds of CPU), which must neither hold
-        up the node's start-up on its main thread nor count against a job's time
-        limit or lease."""
+        """Resolved on the job-running thread once it has claimed its first job, before
+        the job's clock starts: ``auto`` imports torch (seconds of CPU, about 300 MB),
+        which a node that only receives should not pay, and which must not hold up
+        start-up nor count against a job's time limit."""
         if self._device is None:
             self._device = resolve_device(self.config.inference.device)
         return self._device
@@ -181,9 +181,9 @@ class Worker:
         if not self._slots.acquire(blocking=False):
             return None
         try:
-            _ = self.device
             job_id = job_store.claim_next(self.db, self.name, lease_s=self.lease_s)
             if job_id is not None:
+                _ = self.device  # before the job's clock starts
                 self._supervise(job_id)
             return job_id
         finally:
@@ -201,7 +201,6 @@ class Worker:
     def serve(self, stop: threading.Event, *, poll_s: float = 2.0) -> None:
         """Run jobs on ``concurrency`` slot threads until ``stop`` is set."""
         def slot() -> None:
-            _ = self.device
             while not stop.is_set():
                 try:
                     job_id = job_store.claim_next(self.db, self.name, lease_s=self.lease_s)
@@ -214,6 +213,7 @@ class Worker:
                 if job_id is None:
                     stop.wait(poll_s)
                     continue
+                _ = self.device  # before the job's clock starts
                 self._supervise(job_id)
 
         threads = [threading.Thread(target=slot, name=f"ainode-worker-{i}", daemon=True)

@@ -24,7 +24,7 @@ def serve(
     workers: Annotated[
         int | None,
         typer.Option("--workers", "-w", min=1, max=16,
-                     help="receiver processes sharing the port (default: one per core, max 4)"),
+                     help="receiver processes (default 4; one per core above 4, max 8)"),
     ] = None,
     no_jobs: Annotated[
         bool,
