@@ -50,12 +50,13 @@ _WORKER_START_TIMEOUT_S = 60.0
 def default_workers() -> int:
     """Four receiver processes, more on machines with more than four cores (at most 8).
 
-    Why not one per core: a receiver spends most of each store waiting on the
-    disk (the file's fsync, the commit), so what limits several senders is how
-    many associations share one process's GIL, not the core count. With four
-    storescu senders on 2 cores (bench_ingest, 300 x 512 KB each, one run
-    each, alternating with Orthanc): 2 processes 147 instances/s (0.73 of
-    Orthanc), 4 processes 198/s (1.07); each process costs about 50-100 MB.
+    Why not one per core: a receiver spends much of each store waiting on the
+    disk (the file's fsync, the commit), and associations that share a process
+    share its GIL; the kernel, not the core count, does the waiting. With four
+    storescu senders on 2 cores (bench_ingest, one alternating run each): 2
+    processes 0.73 of Orthanc's rate, 4 processes 1.07 (single runs on that
+    machine vary widely; bench/RESULTS.md has the medians). Each process costs
+    about 50-100 MB.
     """
     return max(4, min(8, os.cpu_count() or 1))
 
