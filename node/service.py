@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from datetime import UTC
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -97,6 +98,10 @@ class NodeService:
         migrate.upgrade(self.db)
         verify_recent(self.db, self.store)
         settings = ReceiverSettings.from_config(self.config.dicom)
+        # dicom.max_associations is the node's limit: each process takes its share
+        # (the dispatcher keeps them evenly loaded), and a process at its share
+        # refuses the association as pynetdicom does (A-ASSOCIATE-RJ, transient).
+        settings = replace(settings, max_associations=self._share())
         self._dispatcher = Dispatcher() if self.workers > 1 else None
         self._receiver = Receiver(settings, Ingestor(self.db, self.store),
                                   dispatcher=self._dispatcher)
@@ -143,11 +148,16 @@ class NodeService:
             )
             self._jobs_thread.start()
 
+    def _share(self) -> int:
+        return max(1, -(-self.config.dicom.max_associations // self.workers))
+
     def _spawn_worker(self) -> subprocess.Popen[bytes]:
         assert self._dispatcher is not None
         ours, theirs = channel_pair()
+        config = self.config.model_dump(mode="json")
+        config["dicom"]["max_associations"] = self._share()
         request = {
-            "config": self.config.model_dump(mode="json"),
+            "config": config,
             "channel_fd": theirs.fileno(),
             "parent_pid": os.getpid(),
         }

@@ -322,3 +322,37 @@ def test_sigkill_mid_transfer_loses_nothing_acknowledged(tmp_path: Path) -> None
         assert_landed(restarted, expected_by_series([src]))
     finally:
         restarted.stop()
+
+
+def _try_hold(ae: AE, port: int, held: list[object]) -> bool:
+    assoc = ae.associate("127.0.0.1", port, ae_title="AINODE")
+    if assoc.is_established:
+        held.append(assoc)
+    return assoc.is_established
+
+
+def test_association_limit_is_the_nodes_across_receiver_processes(tmp_path: Path) -> None:
+    """dicom.max_associations = 2 with two receiver processes: two open associations
+    (held by a client), and dcmtk's echoscu is then refused; once one is released it
+    gets through again."""
+    from tests.support.net import free_port
+
+    port = free_port()
+    node = start_node(tmp_path, workers=2, port=port, extra={"dicom": {
+        "ae_title": "AINODE", "host": "127.0.0.1", "port": port,
+        "allowed_callers": ["ECHOSCU", "HOLDER"], "max_associations": 2}})
+    try:
+        ae = AE(ae_title="HOLDER")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        # The readiness probe's association thread ends a moment after its release,
+        # so the first attempts may still meet it: retry until both are held.
+        held = []
+        for _ in range(2):
+            wait_for(lambda: _try_hold(ae, port, held), timeout=10, what="an association")
+        assert len(held) == 2
+        assert not echo_ok(port)
+        held[0].release()  # type: ignore[attr-defined]
+        wait_for(lambda: echo_ok(port), timeout=10, what="a free association slot")
+        held[1].release()  # type: ignore[attr-defined]
+    finally:
+        node.stop()
