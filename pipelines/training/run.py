@@ -42,8 +42,10 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DEMO_SEEDS", "train_demo", "train_recipe"]
 
-# Training seeds of the demo sets; evaluation uses seeds from 900000 on, never these.
-DEMO_SEEDS = {"ct": range(0, 160), "mr_t1": range(100000, 100060)}
+# Training seeds of the demo sets; validation uses seeds 800000-800089 and evaluation
+# seeds from 900000 on, never these. CT stage 2 trains on all 400, the other CT models
+# on the first 160 (Recipe.train_cases).
+DEMO_SEEDS = {"ct": range(0, 400), "mr_t1": range(100000, 100060)}
 
 
 def _config(r: Recipe, seed: int, iterations: int | None, minutes: float | None) -> TrainConfig:
@@ -51,6 +53,7 @@ def _config(r: Recipe, seed: int, iterations: int | None, minutes: float | None)
         arch=r.arch, params=dict(r.params), iterations=iterations or r.iterations, lr=r.lr,
         batch=r.batch, max_minutes=minutes or r.max_minutes, seed=seed, patch_zyx=r.patch_zyx,
         ckpt_every=25 if r.task == "slice-classification" else 50, phases=r.phases,
+        small_lesion_boost=r.small_lesion_boost, spacing_mm=float(min(r.spacing)),
     )
 
 
@@ -158,15 +161,18 @@ def train_demo(
         if only and key not in only:
             continue
         contrast = "ct" if recipe.modality == "CT" else "mr_t1"
-        seeds = DEMO_SEEDS[contrast]
+        all_seeds = DEMO_SEEDS[contrast]
         if scale < 1.0:
-            seeds = seeds[: max(6, int(len(seeds) * scale))]
+            all_seeds = all_seeds[: max(6, int(len(all_seeds) * scale))]
+        # A recipe may train on a prefix of the set (the older CT models on seeds 0..159).
+        seeds = all_seeds[: recipe.train_cases] if recipe.train_cases else all_seeds
         data = work / f"data-{contrast}"
         done_marker = data / ".complete"
-        if not done_marker.exists():
-            _say(progress, f"generating {len(seeds)} {contrast} phantoms in {data}")
-            write_dataset(data, seeds, contrast=contrast)
-            done_marker.write_text(f"{seeds.start}-{seeds.stop}\n")
+        stamp = f"{all_seeds.start}-{all_seeds.stop}\n"
+        if not done_marker.exists() or done_marker.read_text() != stamp:
+            _say(progress, f"generating {len(all_seeds)} {contrast} phantoms in {data}")
+            write_dataset(data, all_seeds, contrast=contrast)
+            done_marker.write_text(stamp)
         final = work / f"{recipe.package}.final.pt"
         if final.exists():
             st = torch.load(final, map_location="cpu", weights_only=False)
@@ -174,7 +180,8 @@ def train_demo(
             r = recipe if scale >= 1.0 else replace(
                 recipe, iterations=max(2, int(recipe.iterations * scale)),
                 max_minutes=recipe.max_minutes * max(scale, 0.05))
-            res = train_recipe(r, data, work / "ckpt", seed=0, progress=progress)
+            res = train_recipe(r, data, work / "ckpt", seed=0, progress=progress,
+                               max_cases=len(seeds))
             st = {
                 "state_dict": res.model.state_dict(), "iterations": res.iterations,
                 "seconds": res.seconds, "losses": res.losses, "history": res.history,
@@ -199,7 +206,8 @@ def train_demo(
         }
         if "head" in st:
             provenance["head_finetune"] = st["head"]
-        path = write_package(weights_dir / recipe.package, recipe, st["state_dict"], provenance)
+        path = write_package(weights_dir / recipe.package, recipe, st["state_dict"], provenance,
+                             version=recipe.version)
         summary[key] = {"package": str(path), **provenance}
         _say(progress, f"{recipe.package}: written to {path}")
     (work / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

@@ -60,6 +60,11 @@ class TrainConfig:
     # stage 2 only: fractions of iterations for (segmentation, frozen-encoder classification)
     phases: tuple[float, float] = (0.55, 0.15)
     patch_zyx: tuple[int, int, int] = (32, 48, 80)
+    # stage 2 only: cases whose lesion is smaller than a sphere of ``small_lesion_mm`` are
+    # drawn (1 + boost) times as often as the other cases of their tumour type.
+    small_lesion_boost: float = 0.0
+    small_lesion_mm: float = 20.0
+    spacing_mm: float = 2.5
 
 
 @dataclass
@@ -142,7 +147,9 @@ def _loop(
     if ckpt is not None and (st := _load(ckpt)) is not None:
         model.load_state_dict(st["model"])
         start_it, phase, history, elapsed0 = st["it"], st["phase"], st["history"], st["elapsed"]
-        opt = torch.optim.Adam(param_groups(phase, False), lr=cfg.lr)
+        # The learning rate of the phase resumed in (used when no optimiser state comes back).
+        opt = torch.optim.Adam(param_groups(phase, False),
+                               lr=cfg.lr * (0.5 if phase == 2 else 1))
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=3)
         try:
             opt.load_state_dict(st["opt"])
@@ -270,9 +277,14 @@ def train_stage2(
     n1 = int(cfg.iterations * cfg.phases[0])
     n2 = n1 + int(cfg.iterations * cfg.phases[1])
     lesion_idx = [np.argwhere(y > 0) for _, y in samples]
-    # Balance the tumour types: each case drawn with weight 1 / frequency of its class.
-    counts = np.bincount(np.array(classes), minlength=5).astype(float)
-    w = np.array([1.0 / counts[c] for c in classes])
+    # Balance the tumour types: every class drawn equally often; within a class, cases
+    # with a small lesion (the ones the map misses) weigh 1 + small_lesion_boost.
+    small_vox = (math.pi / 6.0) * cfg.small_lesion_mm**3 / cfg.spacing_mm**3
+    w = np.array([1.0 + cfg.small_lesion_boost * float(0 < len(ix) < small_vox)
+                  for ix in lesion_idx])
+    cls_arr = np.array(classes)
+    for c in set(classes):
+        w[cls_arr == c] /= w[cls_arr == c].sum()
     w /= w.sum()
 
     def phase_of(it: int) -> int:
