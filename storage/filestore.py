@@ -293,16 +293,16 @@ class FileStore:
         """Wait for the writer of a spool file (if one is still at work) and hold it."""
         path = self.spool_path(relpath)
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        digest, size = hashlib.sha256(), 0
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            data = b""
             while chunk := os.read(fd, 1 << 20):
-                data += chunk
+                digest.update(chunk)
+                size += len(chunk)
         except BaseException:
             os.close(fd)
             raise
-        return HeldFile(StoredFile(path, relpath, len(data),
-                                   hashlib.sha256(data).hexdigest()), fd)
+        return HeldFile(StoredFile(path, relpath, size, digest.hexdigest()), fd)
 
     def replace_unrecorded(self, relpath: str, chunks: Iterable[bytes | memoryview]) -> HeldFile:
         """Replace a spool file that no row records (never acknowledged), atomically."""

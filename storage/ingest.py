@@ -416,10 +416,6 @@ class _GroupCommitter:
         self._queue.put((row, done))
         return done
 
-    def record(self, row: _Row) -> _Recorded | None:
-        """Block until ``row`` is committed; None if the SOP instance was already recorded."""
-        return self.submit(row).result()
-
     def close(self) -> None:
         with self._lock:
             thread, self._thread = self._thread, None
