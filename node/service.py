@@ -29,12 +29,14 @@ from dataclasses import replace
 from datetime import UTC
 
 from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy.exc import SQLAlchemyError
 
 from node.config import NodeConfig
 from node.errors import ConfigError, NodeError, StorageError
 from node.network.dispatch import Dispatcher, channel_pair
 from node.network.scp import Receiver, ReceiverSettings
 from storage import migrate
+from storage.audit import audit
 from storage.db import Database
 from storage.filestore import FileStore
 from storage.ingest import Ingestor, verify_recent
@@ -103,12 +105,13 @@ class NodeService:
         # refuses the association as pynetdicom does (A-ASSOCIATE-RJ, transient).
         settings = replace(settings, max_associations=self._share())
         self._dispatcher = Dispatcher() if self.workers > 1 else None
-        self._receiver = Receiver(settings, Ingestor(self.db, self.store),
-                                  dispatcher=self._dispatcher)
-        self._receiver.start()
+        # The other receiver processes first: the port opens only when all can serve.
         try:
             for _ in range(self.workers - 1):
                 self._children.append(self._spawn_worker())
+            self._receiver = Receiver(settings, Ingestor(self.db, self.store),
+                                      dispatcher=self._dispatcher)
+            self._receiver.start()
         except BaseException:
             self.stop()
             raise
@@ -116,6 +119,11 @@ class NodeService:
             self.complete_series, "interval", seconds=self.completion_interval_s,
             id="series-completion", max_instances=1, coalesce=True, replace_existing=True,
         )
+        if self.workers > 1:
+            self.scheduler.add_job(
+                self.replace_dead_receivers, "interval", seconds=2.0, id="receiver-supervision",
+                max_instances=1, coalesce=True, replace_existing=True,
+            )
         self._start_orchestration()
         self.scheduler.start()
         log.info("node started", extra={"port": self.port, "workers": self.workers,
@@ -189,6 +197,38 @@ class NodeService:
         except NodeError:
             log.exception("series completion failed; retrying next tick")
             return []
+
+    def replace_dead_receivers(self) -> list[int]:
+        """Start a new receiver process for each one that died (a crash, the OOM killer).
+
+        The dispatcher stopped handing the dead one connections when its channel
+        closed; its associations in flight were never acknowledged past what had
+        been committed, so their senders retry. Returns the new processes' pids.
+        """
+        started: list[int] = []
+        for i, proc in enumerate(self._children):
+            code = proc.poll()
+            if code is None:
+                continue
+            log.error("receiver process exited; starting another",
+                      extra={"pid": proc.pid, "exit_code": code})
+            if proc.stdout is not None:
+                proc.stdout.close()
+            try:
+                self._children[i] = self._spawn_worker()
+            except (StorageError, OSError):
+                log.exception("could not start a replacement receiver process")
+                continue
+            started.append(self._children[i].pid)
+            log.warning("replacement receiver process started",
+                        extra={"pid": self._children[i].pid})
+            try:
+                with self.db.session() as s:
+                    audit(s, "receiver.replaced", outcome="warning", pid=proc.pid,
+                          exit_code=code, new_pid=self._children[i].pid)
+            except SQLAlchemyError:
+                log.exception("could not audit a replaced receiver process")
+        return started
 
     def stop(self, grace_s: float = 10.0) -> None:
         """Stop accepting, let stores in flight finish, stop workers, then the scheduler.

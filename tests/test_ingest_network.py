@@ -356,3 +356,47 @@ def test_association_limit_is_the_nodes_across_receiver_processes(tmp_path: Path
         held[1].release()  # type: ignore[attr-defined]
     finally:
         node.stop()
+
+
+def _receiver_pids(node: NodeProc) -> set[int]:
+    """Children of every thread of the node (a replacement is started from a scheduler
+    thread, and /proc lists children per thread)."""
+    pids: set[int] = set()
+    for task in Path(f"/proc/{node.proc.pid}/task").iterdir():
+        try:
+            pids |= {int(p) for p in (task / "children").read_text().split()}
+        except OSError:
+            continue
+    return pids
+
+
+def test_a_dead_receiver_process_is_replaced(tmp_path: Path) -> None:
+    """SIGKILL one receiver process: the node starts another, audits it, and four
+    concurrent senders are all stored afterwards (so every process serves again)."""
+    import os
+    import signal
+
+    node = start_node(tmp_path, workers=2)
+    try:
+        (victim,) = _receiver_pids(node)
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: len(_receiver_pids(node) - {victim}) == 1, timeout=30,
+                 what="a replacement receiver process")
+        series = [dicom_series_dir("ct_phantom_philips"), dicom_series_dir("mr_head_ge_3dt1"),
+                  dicom_series_dir("mr_head_philips_classic"),
+                  dicom_series_dir("mr_head_siemens_t1sag")]
+        senders = [subprocess.Popen([require("storescu"), "-aet", "STORESCU", "-aec", "AINODE",
+                                     "+sd", "-R", "127.0.0.1", str(node.port), str(s)],
+                                    env=dcmtk_env(), stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE) for s in series]
+        for p in senders:
+            _, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err.decode()[-2000:]
+        expected = sum(1 for s in series for f in s.rglob("*") if f.is_file())
+        with node.db.session() as s:
+            assert s.scalar(sa.select(sa.func.count()).select_from(Instance)) == expected
+            replaced = list(s.scalars(sa.select(AuditEvent).where(
+                AuditEvent.event == "receiver.replaced")))
+        assert len(replaced) == 1 and replaced[0].details["pid"] == victim
+    finally:
+        node.stop()

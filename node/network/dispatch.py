@@ -61,6 +61,7 @@ class Dispatcher:
         peer.reader = threading.Thread(target=self._read, args=(peer,),
                                        name=f"dispatch-{pid}", daemon=True)
         with self._lock:
+            self._peers = [p for p in self._peers if p.alive]  # forget dead processes
             self._peers.append(peer)
         peer.reader.start()
 
