@@ -8,10 +8,12 @@ exact DIMSE status of one store is asserted.
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
@@ -398,5 +400,80 @@ def test_a_dead_receiver_process_is_replaced(tmp_path: Path) -> None:
             replaced = list(s.scalars(sa.select(AuditEvent).where(
                 AuditEvent.event == "receiver.replaced")))
         assert len(replaced) == 1 and replaced[0].details["pid"] == victim
+    finally:
+        node.stop()
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_idle_associations_cost_the_node_no_cpu(tmp_path: Path) -> None:
+    """Four open, idle associations: the node's CPU over 3 s stays what it is with
+    none. pynetdicom's own loops poll every millisecond in two threads per
+    association (node.network.reactor says why that matters); this fails if the
+    event-driven loops are ever lost, e.g. by a pynetdicom upgrade."""
+    node = start_node(tmp_path, workers=1, callers=["HOLDER"], serve_args=("--no-jobs",))
+    try:
+        def cpu_over(seconds: float) -> float:
+            before = _cpu_s(node.proc.pid)
+            time.sleep(seconds)
+            return _cpu_s(node.proc.pid) - before
+
+        time.sleep(1.0)
+        quiet = cpu_over(3.0)
+        ae = AE(ae_title="HOLDER")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        held: list[object] = []
+        for _ in range(4):
+            wait_for(lambda: _try_hold(ae, node.port, held), timeout=10, what="an association")
+        time.sleep(1.0)  # past the audit rows of their establishment
+        busy = cpu_over(3.0)
+        for assoc in held:
+            assoc.release()  # type: ignore[attr-defined]
+        print(f"node CPU over 3 s: {quiet:.3f} s with no association, {busy:.3f} s with 4 idle")
+        assert busy - quiet < 0.25, (quiet, busy)  # polling: about 0.55
+    finally:
+        node.stop()
+
+
+def test_dead_and_silent_peers_free_their_association_slot(tmp_path: Path) -> None:
+    """With one association allowed, each way a peer can leave or go quiet must free
+    the slot promptly, whatever the receiver's loops are waiting on: an A-ABORT, a
+    TCP connection that never sends its A-ASSOCIATE-RQ (ACSE timeout), and an
+    established association that goes silent (network timeout)."""
+    from tests.support.net import free_port
+
+    port = free_port()
+    node = start_node(tmp_path, workers=1, port=port, extra={"dicom": {
+        "ae_title": "AINODE", "host": "127.0.0.1", "port": port,
+        "allowed_callers": ["ECHOSCU", "HOLDER"], "max_associations": 1,
+        "acse_timeout_s": 1.0, "network_timeout_s": 1.5}})
+    try:
+        ae = AE(ae_title="HOLDER")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        held: list[object] = []
+        wait_for(lambda: _try_hold(ae, port, held), timeout=10, what="an association")
+        assert not echo_ok(port)
+        held.pop().abort()  # type: ignore[attr-defined]
+        wait_for(lambda: echo_ok(port), timeout=5, what="the slot after an A-ABORT")
+
+        silent = socket.create_connection(("127.0.0.1", port))
+        silent.settimeout(10)
+        start = time.monotonic()
+        received = b""
+        while chunk := silent.recv(1024):  # until the node closes it (a timeout raises)
+            received += chunk
+        assert time.monotonic() - start < 5
+        assert received in (b"", bytes.fromhex("07000000000400000000")), received  # or A-ABORT
+        silent.close()
+        wait_for(lambda: echo_ok(port), timeout=5, what="the slot after a silent connection")
+
+        wait_for(lambda: _try_hold(ae, port, held), timeout=10, what="an association")
+        assoc = held.pop()
+        wait_for(lambda: not assoc.is_established,  # type: ignore[attr-defined]
+                 timeout=6, what="the node to end an idle association")
+        wait_for(lambda: echo_ok(port), timeout=5, what="the slot after a network timeout")
     finally:
         node.stop()

@@ -44,6 +44,7 @@ from node.network import status
 from node.network.acl import AccessPolicy
 from node.network.contexts import prefer_requestor_order, supported_contexts
 from node.network.dispatch import Dispatcher
+from node.network.reactor import make_event_driven
 from node.network.tls import server_context
 from storage.audit import audit
 from storage.db import Database
@@ -327,8 +328,9 @@ class _FastStoreDIMSE(DIMSEServiceProvider):
 
 
 class _RequestHandler(RequestHandler):
-    """pynetdicom's request handler, with the bulk-receive socket and the fast
-    C-STORE response on each association.
+    """pynetdicom's request handler, with the bulk-receive socket, the fast
+    C-STORE response and the event-driven loops (node.network.reactor) on each
+    association.
 
     The class swaps are the one place this module reaches past pynetdicom's
     public API (``AssociationServer`` takes a ``request_handler`` but the socket
@@ -343,6 +345,7 @@ class _RequestHandler(RequestHandler):
             sock.__class__ = _BulkRecvSocket
         if type(assoc.dimse) is DIMSEServiceProvider:
             assoc.dimse.__class__ = _FastStoreDIMSE
+        make_event_driven(assoc)
         server = cast(_Server, self.server)
         if server.dispatcher is not None or server.on_end is not None:
             # The association runs on its own thread, started by handle(); its end
