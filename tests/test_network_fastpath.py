@@ -99,3 +99,56 @@ def test_bound_dimse_handlers_get_pynetdicom_messages() -> None:
     dimse.assoc.bind(evt.EVT_DIMSE_RECV, lambda event: seen.append(event.message))
     _, got = _receive(dimse, _pdata(_store_request(), 16384))
     assert isinstance(got, C_STORE) and len(seen) == 1
+
+
+@pytest.mark.parametrize("max_pdu", [16384, 0])
+def test_pdv_split_matches_pynetdicoms_p_data_tf_decoder(max_pdu: int) -> None:
+    """node.network.reactor.split_pdvs gives the PDV items pynetdicom's own decoder
+    gives, for the P-DATA-TF PDUs pynetdicom itself encodes."""
+    from pynetdicom.pdu import P_DATA_TF
+
+    from node.network.reactor import split_pdvs
+
+    for pdata in _pdata(_store_request(True), max_pdu):
+        pdu = P_DATA_TF()
+        pdu.from_primitive(pdata)
+        encoded = pdu.encode()
+        decoded = P_DATA_TF()
+        decoded.decode(encoded)
+        ours = split_pdvs(bytearray(encoded[6:]))
+        assert ours is not None
+        theirs = decoded.to_primitive().presentation_data_value_list
+        assert [(cx, bytes(v)) for cx, v in ours] == [(cx, bytes(v)) for cx, v in theirs]
+
+
+@pytest.mark.parametrize("body", [
+    b"",  # no item
+    b"\x00\x00\x00\x10\x01\x03abc",  # item longer than the PDU
+    b"\x00\x00\x00\x01\x01",  # item with a context ID and no message control header
+    b"\x00\x00\x00\x03\x01\x03a\x00",  # trailing byte after the last item
+])
+def test_malformed_pdv_items_are_left_to_pynetdicom(body: bytes) -> None:
+    from node.network.reactor import split_pdvs
+
+    assert split_pdvs(body) is None
+
+
+def test_direct_pdvs_give_the_same_request_as_p_data() -> None:
+    """The DUL's direct path (receive_pdvs with views into the PDU) and pynetdicom's
+    P_DATA primitives give the same C-STORE request."""
+    from node.network.reactor import split_pdvs
+
+    pdatas = _pdata(_store_request(), 16384)
+    direct = _provider(True)
+    for p in pdatas:
+        body = bytearray()
+        for cx, data in p.presentation_data_value_list:
+            body += (len(data) + 1).to_bytes(4, "big") + bytes([cx]) + data
+        pdvs = split_pdvs(body)
+        assert pdvs is not None
+        assert direct.receive_pdvs(pdvs)  # type: ignore[attr-defined]
+    _, got = direct.msg_queue.get_nowait()
+    _, want = _receive(_provider(False), pdatas)
+    for field in FIELDS:
+        assert getattr(got, field) == getattr(want, field), field
+    assert got.DataSet.getvalue() == want.DataSet.getvalue()

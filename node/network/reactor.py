@@ -25,11 +25,14 @@ import contextlib
 import os
 import queue
 import select
+import struct
 import threading
 from collections.abc import Callable
 from typing import Any, cast
 
+from pynetdicom import evt
 from pynetdicom.association import Association
+from pynetdicom.dul import LOGGER as DUL_LOGGER
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.utils import make_target
@@ -118,9 +121,7 @@ class _EventDUL(DULServiceProvider):
             except Exception:
                 # As pynetdicom: an exception here would leave the state machine in an
                 # unknown state, so send an A-ABORT around it and stop both loops.
-                from pynetdicom.dul import LOGGER
-
-                LOGGER.exception("Exception in DUL.run(), aborting association")
+                DUL_LOGGER.exception("Exception in DUL.run(), aborting association")
                 abort_pdu = A_ABORT_RQ()
                 abort_pdu.source = 0x02
                 abort_pdu.reason_diagnostic = 0x00
@@ -138,6 +139,74 @@ class _EventDUL(DULServiceProvider):
                     self._wait()
                 continue
             self.state_machine.do_action(event)
+
+    def _read_pdu_data(self) -> None:
+        """pynetdicom's ``_read_pdu_data`` (same reads, events and errors), plus a
+        direct path for P-DATA-TF PDUs on an established association.
+
+        Why: pynetdicom turns each P-DATA-TF into a PDU object (copying it twice),
+        queues it with an event for the state machine, whose action DT-2 turns it
+        into a primitive and hands that to the DIMSE provider: for several 128 KB
+        PDUs per instance. In Sta6 that action is all Evt10 can do, so when nothing
+        is bound to the PDU, data or transition events (which would need those
+        objects) the PDV items go straight from the received buffer to a DIMSE
+        provider that offers ``receive_pdvs`` (node.network.scp).
+        """
+        sock = cast(Any, self.socket)
+        try:
+            header = sock.recv(6)
+            pdu_type, _, pdu_length = struct.unpack(">BBL", header)
+        except (OSError, TimeoutError) as exc:
+            DUL_LOGGER.error("Connection closed before the entire PDU was received")
+            DUL_LOGGER.exception(exc)
+            self.event_queue.put("Evt17")
+            return
+        except struct.error:
+            self.event_queue.put("Evt17")
+            return
+        if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
+            DUL_LOGGER.error(f"Unknown PDU type received '0x{pdu_type:02X}'")
+            self.event_queue.put("Evt19")
+            return
+        try:
+            body = sock.recv(pdu_length)
+        except (OSError, TimeoutError) as exc:
+            DUL_LOGGER.error("Connection closed before the entire PDU was received")
+            DUL_LOGGER.exception(exc)
+            self.event_queue.put("Evt17")
+            return
+        if len(body) != pdu_length:
+            DUL_LOGGER.error(
+                f"The received PDU is shorter than expected ({6 + len(body)} of "
+                f"{6 + pdu_length} bytes received)"
+            )
+            self.event_queue.put("Evt17")
+            return
+        if pdu_type == 0x04 and self._direct(body):
+            return
+        try:
+            pdu, event = self._decode_pdu(bytearray(header) + body)
+            self.event_queue.put(event)
+        except Exception as exc:
+            DUL_LOGGER.error("Unable to decode the received PDU data")
+            DUL_LOGGER.exception(exc)
+            self.event_queue.put("Evt19")
+            return
+        self._recv_pdu.put(pdu)
+
+    def _direct(self, body: bytes | bytearray) -> bool:
+        """Hand a P-DATA-TF's PDVs to the DIMSE provider; False: take pynetdicom's path."""
+        if self.state_machine.current_state != "Sta6":
+            return False
+        receive = getattr(self.assoc.dimse, "receive_pdvs", None)
+        if receive is None:
+            return False
+        assoc = self.assoc
+        for event in (evt.EVT_DATA_RECV, evt.EVT_PDU_RECV, evt.EVT_FSM_TRANSITION):
+            if assoc.get_handlers(event):
+                return False
+        pdvs = split_pdvs(body)
+        return pdvs is not None and bool(receive(pdvs))
 
     def kill_dul(self) -> None:
         self._kill_thread = True
@@ -226,6 +295,24 @@ class _EventAssociation(Association):
                 return
 
             wake.wait(_MAX_WAIT_S)
+
+
+def split_pdvs(body: bytes | bytearray) -> list[tuple[int, memoryview]] | None:
+    """The (context ID, message control header + fragment) items of a P-DATA-TF
+    body, as views into it; None if the items do not tile the body exactly (then
+    pynetdicom's decoder decides what the malformed PDU gets)."""
+    view = memoryview(body)
+    out: list[tuple[int, memoryview]] = []
+    offset, end = 0, len(body)
+    while offset < end:
+        if end - offset < 6:
+            return None
+        length = int.from_bytes(view[offset:offset + 4], "big")
+        if length < 2 or offset + 4 + length > end:
+            return None
+        out.append((view[offset + 4], view[offset + 5:offset + 4 + length]))
+        offset += 4 + length
+    return out or None
 
 
 def make_event_driven(assoc: Association) -> bool:

@@ -248,12 +248,21 @@ class _FastStoreDIMSE(DIMSEServiceProvider):
         for context_id, data in primitive.presentation_data_value_list:
             self._receive_pdv(context_id, data)
 
-    def _pynetdicom(self, context_id: int, data: bytes) -> None:
+    def receive_pdvs(self, pdvs: list[tuple[int, memoryview]]) -> bool:
+        """The DUL's direct path for a P-DATA-TF (node.network.reactor): its PDV
+        items as views into the received PDU; False: nothing taken, use P_DATA."""
+        if self.assoc.get_handlers(evt.EVT_DIMSE_RECV):
+            return False
+        for context_id, data in pdvs:
+            self._receive_pdv(context_id, data)
+        return True
+
+    def _pynetdicom(self, context_id: int, data: bytes | memoryview) -> None:
         single = P_DATA()
-        single.presentation_data_value_list.append((context_id, data))
+        single.presentation_data_value_list.append((context_id, bytes(data)))
         super().receive_primitive(single)
 
-    def _receive_pdv(self, context_id: int, data: bytes) -> None:
+    def _receive_pdv(self, context_id: int, data: bytes | memoryview) -> None:
         control = data[0]
         if self.message is not None:  # pynetdicom is assembling a message
             self._pynetdicom(context_id, data)
