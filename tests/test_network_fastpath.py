@@ -152,3 +152,18 @@ def test_direct_pdvs_give_the_same_request_as_p_data() -> None:
     for field in FIELDS:
         assert getattr(got, field) == getattr(want, field), field
     assert got.DataSet.getvalue() == want.DataSet.getvalue()
+
+
+def test_directly_sent_response_pdu_is_pynetdicoms_encoding() -> None:
+    """The C-STORE response the association thread sends itself (scp._send_directly)
+    has the bytes of pynetdicom's P-DATA-TF for the same PDV."""
+    from pynetdicom.pdu import P_DATA_TF
+
+    from node.network.reactor import encode_pdata_tf
+
+    pdv = b"\x03" + bytes(range(90))
+    pdata = P_DATA()
+    pdata.presentation_data_value_list.append((7, pdv))
+    pdu = P_DATA_TF()
+    pdu.from_primitive(pdata)
+    assert encode_pdata_tf(7, pdv) == pdu.encode()

@@ -37,7 +37,7 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.utils import make_target
 
-__all__ = ["make_event_driven"]
+__all__ = ["encode_pdata_tf", "make_event_driven", "split_pdvs"]
 
 _MAX_WAIT_S = 0.25  # the longest either loop sleeps unsignalled (timers, foreign flags)
 
@@ -313,6 +313,12 @@ def split_pdvs(body: bytes | bytearray) -> list[tuple[int, memoryview]] | None:
         out.append((view[offset + 4], view[offset + 5:offset + 4 + length]))
         offset += 4 + length
     return out or None
+
+
+def encode_pdata_tf(context_id: int, pdv: bytes) -> bytes:
+    """A P-DATA-TF PDU of one PDV item (message control header + fragment)."""
+    item = struct.pack(">LB", len(pdv) + 1, context_id) + pdv
+    return struct.pack(">BBL", 0x04, 0, len(item)) + item
 
 
 def make_event_driven(assoc: Association) -> bool:

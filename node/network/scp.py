@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -44,7 +45,7 @@ from node.network import status
 from node.network.acl import AccessPolicy
 from node.network.contexts import prefer_requestor_order, supported_contexts
 from node.network.dispatch import Dispatcher
-from node.network.reactor import make_event_driven
+from node.network.reactor import encode_pdata_tf, make_event_driven
 from node.network.tls import server_context
 from storage.audit import audit
 from storage.db import Database
@@ -328,12 +329,40 @@ class _FastStoreDIMSE(DIMSEServiceProvider):
             )
             max_pdu = self.maximum_pdu_size
             if not max_pdu or len(command) + 6 <= max_pdu:
-                pdata = P_DATA()
                 # Message control header 0x03: command information, last fragment.
-                pdata.presentation_data_value_list.append((context_id, b"\x03" + command))
-                self.dul.send_pdu(pdata)
+                if not self._send_directly(context_id, b"\x03" + command):
+                    pdata = P_DATA()
+                    pdata.presentation_data_value_list.append((context_id, b"\x03" + command))
+                    self.dul.send_pdu(pdata)
                 return
         super().send_msg(primitive, context_id)
+
+    def _send_directly(self, context_id: int, pdv: bytes) -> bool:
+        """Send a one-PDV P-DATA-TF from this thread; False: queue it for the DUL.
+
+        Why: queued, the response waits for the DUL thread to wake, run the
+        state machine's DT-1 (all Evt9 can do in Sta6) and encode a PDU object,
+        while the sender waits. Sent here it is one ``send`` of the same bytes.
+        Only on plain TCP (an SSL object must not be used from two threads),
+        in Sta6, with nothing queued ahead of it and no handlers bound to the
+        PDU, data or transition events.
+        """
+        dul = self.dul
+        sock = dul.socket
+        if (
+            sock is None
+            or not isinstance(sock.socket, socket.socket)
+            or isinstance(sock.socket, ssl.SSLSocket)
+            or dul.state_machine.current_state != "Sta6"
+            or dul.to_provider_queue.queue
+        ):
+            return False
+        assoc = self.assoc
+        for event in (evt.EVT_PDU_SENT, evt.EVT_DATA_SENT, evt.EVT_FSM_TRANSITION):
+            if assoc.get_handlers(event):
+                return False
+        sock.send(encode_pdata_tf(context_id, pdv))
+        return True
 
 
 class _RequestHandler(RequestHandler):
