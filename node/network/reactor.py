@@ -37,7 +37,7 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.utils import make_target
 
-__all__ = ["encode_pdata_tf", "make_event_driven", "split_pdvs"]
+__all__ = ["EventAssociation", "encode_pdata_tf", "make_event_driven", "split_pdvs"]
 
 _MAX_WAIT_S = 0.25  # the longest either loop sleeps unsignalled (timers, foreign flags)
 
@@ -222,7 +222,7 @@ class _EventDUL(DULServiceProvider):
         return True
 
 
-class _EventAssociation(Association):
+class EventAssociation(Association):
     """Association whose acceptor loop waits on an Event instead of sleeping 1 ms."""
 
     _wake_event: threading.Event
@@ -321,8 +321,11 @@ def encode_pdata_tf(context_id: int, pdv: bytes) -> bytes:
     return struct.pack(">BBL", 0x04, 0, len(item)) + item
 
 
-def make_event_driven(assoc: Association) -> bool:
-    """Turn a fresh, unstarted pynetdicom acceptor into the event-driven one.
+def make_event_driven(
+    assoc: Association, association_class: type[EventAssociation] = EventAssociation,
+) -> bool:
+    """Turn a fresh, unstarted pynetdicom acceptor into the event-driven one
+    (``association_class``: EventAssociation or a subclass of it).
 
     Returns False (and changes nothing) when either object is not exactly
     pynetdicom's class, e.g. after a pynetdicom upgrade changed what we copy.
@@ -332,9 +335,9 @@ def make_event_driven(assoc: Association) -> bool:
         return False
     if assoc.is_alive() or dul.is_alive():
         return False
-    assoc.__class__ = _EventAssociation
+    assoc.__class__ = association_class
     dul.__class__ = _EventDUL
-    event_assoc = cast(_EventAssociation, assoc)
+    event_assoc = cast(EventAssociation, assoc)
     event_assoc._prepare()
     cast(_EventDUL, dul)._prepare(event_assoc._wake_event.set)
     return True
