@@ -98,3 +98,62 @@ def test_head_finetune_changes_only_the_classifier(dataset: Path) -> None:
         assert torch.equal(seg, seg2)
         assert torch.allclose(cls, model.classify(feats[-3:], seg2))  # type: ignore[operator]
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_window_features_follow_the_inference_windows(dataset: Path) -> None:
+    from monai.inferers import sliding_window_inference
+
+    from pipelines.models.networks import build
+    from pipelines.training.data import find_cases, read_case, stage2_sample
+    from pipelines.training.trainers import stage2_windows, window_features
+
+    r = RECIPES["ct-stage2"]
+    case = next(c for c in find_cases(dataset, "Tr") if c.diagnosis not in (None, "normal"))
+    img, lab = read_case(case)
+    x, y = stage2_sample(img, lab, r.spacing, r.patch_zyx, r.preset, margin_mm=10.0)
+    model = build(r.arch, r.params).eval()
+    feats, peaks, lesvox = stage2_windows(model, x, y, r.patch_zyx)
+    # The same windows, in the same order, as the pipeline's sliding window (overlap 0.5).
+    seen: list[float] = []
+
+    def pred(p: torch.Tensor) -> torch.Tensor:
+        seg, _ = model(p)
+        seen.extend(torch.sigmoid(seg).amax(dim=(1, 2, 3, 4)).tolist())
+        return seg
+
+    with torch.inference_mode():
+        sliding_window_inference(torch.as_tensor(x)[None, None], r.patch_zyx, 1, pred,
+                                 overlap=0.5, mode="gaussian")
+    assert len(feats) == len(peaks) == len(lesvox) == len(seen)
+    assert feats.shape[1] == model.cls_head[0].in_features
+    assert torch.allclose(torch.as_tensor(peaks), torch.as_tensor(seen, dtype=torch.float32))
+    assert lesvox.max() > 0 and lesvox.max() <= float(y.sum())
+    cls = 1
+    f2, labels = window_features(model, [(x, y)], [cls], r.patch_zyx)
+    assert torch.equal(f2, feats)
+    assert set(labels.tolist()) <= {0, cls} and (labels == cls).any()
+    assert ((labels == cls) == torch.as_tensor(lesvox >= 3)).all()
+
+
+def test_head_finetune_on_windows_of_its_own_set(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from pipelines.models.networks import build
+    from pipelines.training.run import _finetune_head
+
+    r = replace(RECIPES["ct-stage2"], head_iterations=6, head_windows=True,
+                head_seeds=(50, 53), head_reset=False, head_lr=1e-4)
+    model = build(r.arch, r.params)
+    st = {"state_dict": model.state_dict(), "seconds": 1.0, "seeds": [0, 4], "cases": 4,
+          "iterations": 1, "losses": {}}
+    new = _finetune_head(r, tmp_path / "unused", tmp_path, st, 1.0, None)
+    assert (tmp_path / "data-ct-head" / ".complete").read_text() == "50-53\n"
+    changed = {k for k in st["state_dict"]
+               if not torch.equal(st["state_dict"][k], new["state_dict"][k])}
+    assert changed and all(k.startswith("cls_head.") for k in changed)
+    assert new["head"]["windows"] is True and new["head"]["reset"] is False
+    assert new["head"]["data"] == "seeds 50..52 (3 cases)"
+    assert new["head"]["iterations"] == 6 and new["head"]["lr"] == 1e-4
+    # Kept like the body's final weights: a rerun reads it back instead of retraining.
+    again = _finetune_head(r, tmp_path / "unused", tmp_path, st, 1.0, None)
+    assert all(torch.equal(again["state_dict"][k], new["state_dict"][k]) for k in changed)

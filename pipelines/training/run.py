@@ -36,15 +36,17 @@ from pipelines.training.trainers import (
     train_slice,
     train_stage1,
     train_stage2,
+    window_features,
 )
 
 log = logging.getLogger(__name__)
 
 __all__ = ["DEMO_SEEDS", "train_demo", "train_recipe"]
 
-# Training seeds of the demo sets; validation uses seeds 800000-800089 and evaluation
+# Training seeds of the demo sets; validation uses seeds 800000-800179 and evaluation
 # seeds from 900000 on, never these. CT stage 2 trains on all 400, the other CT models
-# on the first 160 (Recipe.train_cases).
+# on the first 160 (Recipe.train_cases); CT stage 2's head fine-tune has a set of its own
+# (Recipe.head_seeds: 400..799).
 DEMO_SEEDS = {"ct": range(0, 400), "mr_t1": range(100000, 100060)}
 
 
@@ -121,20 +123,57 @@ def _finetune_head(recipe: Recipe, data: Path, work: Path, st: dict[str, Any], s
         return done
     from pipelines.models.networks import build
 
-    s2, classes = [], []
-    for c in find_cases(data, "Tr"):
-        img, lab = read_case(c)
-        s2.append(stage2_sample(img, lab, recipe.spacing, recipe.patch_zyx, recipe.preset))
-        classes.append(_class(c.diagnosis, s2[-1][1]))
+    seeds_txt = f"seeds {st['seeds'][0]}..{st['seeds'][1] - 1} (the body's set)"
+    if recipe.head_seeds is not None:
+        from pipelines.phantom.io import write_dataset
+
+        contrast = "ct" if recipe.modality == "CT" else "mr_t1"
+        seeds = range(*recipe.head_seeds)
+        if scale < 1.0:
+            seeds = seeds[: max(6, int(len(seeds) * scale))]
+        data = work / f"data-{contrast}-head"
+        marker, stamp = data / ".complete", f"{seeds.start}-{seeds.stop}\n"
+        if not marker.exists() or marker.read_text() != stamp:
+            _say(progress, f"generating {len(seeds)} {contrast} phantoms in {data}")
+            write_dataset(data, seeds, contrast=contrast)
+            marker.write_text(stamp)
+        seeds_txt = f"seeds {seeds.start}..{seeds.stop - 1} ({len(seeds)} cases)"
     model = build(recipe.arch, dict(recipe.params))
     model.load_state_dict(st["state_dict"])
     hc = HeadConfig(crops_per_case=max(1, int(recipe.head_crops_per_case * min(scale, 1.0))),
-                    iterations=max(2, int(recipe.head_iterations * min(scale, 1.0))))
-    res = finetune_stage2_head(model, s2, classes, recipe.patch_zyx, hc, progress)
-    new = {**st, "state_dict": model.state_dict(), "seconds": st["seconds"] + res.seconds,
+                    iterations=max(2, int(recipe.head_iterations * min(scale, 1.0))),
+                    reset=recipe.head_reset, lr=recipe.head_lr)
+    t_start = time.monotonic()
+    s2, classes = [], []
+    cached = None
+    feats, labels = [], []
+    for c in find_cases(data, "Tr"):
+        img, lab = read_case(c)
+        if recipe.head_windows:
+            # The stage-1 ROI rule (box + 10 mm), one case at a time: only features kept.
+            x, y = stage2_sample(img, lab, recipe.spacing, recipe.patch_zyx, recipe.preset,
+                                 margin_mm=10.0)
+            f, lb = window_features(model, [(x, y)], [_class(c.diagnosis, y)],
+                                    recipe.patch_zyx)
+            feats.append(f)
+            labels.append(lb)
+            if progress and len(feats) % 20 == 0:
+                progress(f"head window features: {len(feats)} cases")
+            continue
+        s2.append(stage2_sample(img, lab, recipe.spacing, recipe.patch_zyx, recipe.preset))
+        classes.append(_class(c.diagnosis, s2[-1][1]))
+    if recipe.head_windows:
+        cached = (torch.cat(feats), torch.cat(labels))
+    res = finetune_stage2_head(model, s2, classes, recipe.patch_zyx, hc, progress, cached)
+    seconds = time.monotonic() - t_start  # features included
+    new = {**st, "state_dict": model.state_dict(), "seconds": st["seconds"] + seconds,
            "head": {"iterations": res.iterations, "crops_per_case": hc.crops_per_case,
-                    "seconds": round(res.seconds),
+                    "windows": recipe.head_windows, "reset": hc.reset, "lr": hc.lr,
+                    "data": seeds_txt,
+                    "seconds": round(seconds),
                     "losses": {k: round(float(v), 4) for k, v in res.losses.items()}}}
+    if recipe.head_windows:
+        del new["head"]["crops_per_case"]
     torch.save(new, out)
     return new
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
+from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.transforms import (
     Compose,
@@ -37,8 +38,8 @@ from pipelines.models.networks import build
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "HeadConfig", "TrainConfig", "TrainResult", "finetune_stage2_head", "train_slice",
-    "train_stage1", "train_stage2",
+    "HeadConfig", "TrainConfig", "TrainResult", "finetune_stage2_head", "stage2_windows",
+    "train_slice", "train_stage1", "train_stage2", "window_features",
 ]
 
 # Class weights of the tumour-type head: PDAC 3:1 against the rest (the seed paper's weighting).
@@ -477,3 +478,57 @@ def finetune_stage2_head(
     res = TrainResult(model, hc.iterations, time.monotonic() - t0, losses, history)
     res.cache = (feats, labels)
     return res
+
+
+def stage2_windows(
+    model: nn.Module, x: npt.NDArray[np.float32], y: npt.NDArray[np.uint8],
+    patch: tuple[int, int, int], overlap: float = 0.5,
+) -> tuple[torch.Tensor, npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """Every sliding window of a stage-2 ROI as inference visits it (same patch, overlap
+    and order): the classification head's input, the window's lesion-map peak and the
+    number of reference lesion voxels in it. The label rides along as a second input
+    channel, so the windows are exactly MONAI's."""
+    head = model.get_submodule("cls_head")
+    feats: list[torch.Tensor] = []
+    peaks: list[float] = []
+    lesvox: list[float] = []
+    hook = head.register_forward_hook(lambda _m, inp, _o: feats.append(inp[0].detach()))
+
+    def predictor(p: torch.Tensor) -> torch.Tensor:
+        seg, _ = model(p[:, :1])
+        peaks.extend(torch.sigmoid(seg.float()).amax(dim=(1, 2, 3, 4)).tolist())
+        lesvox.extend(p[:, 1].sum(dim=(1, 2, 3)).tolist())
+        return seg  # type: ignore[no-any-return]
+
+    xt = torch.as_tensor(np.stack([x, (y > 0)]), dtype=torch.float32)[None]
+    model.eval()
+    try:
+        with torch.inference_mode():
+            sliding_window_inference(xt, patch, 1, predictor, overlap=overlap, mode="gaussian")
+    finally:
+        hook.remove()
+    return (torch.cat(feats).clone(), np.asarray(peaks, np.float32),
+            np.asarray(lesvox, np.float32))
+
+
+def window_features(
+    model: nn.Module, samples: list[tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8]]],
+    classes: list[int], patch: tuple[int, int, int], *, overlap: float = 0.5,
+    min_lesion_voxels: int = 3, progress: Callable[[str], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The head's inputs and labels for every inference window of every case.
+
+    Inference classifies a case from the window with the highest lesion peak (or the
+    mean over windows when no peak reaches 0.5), with no augmentation; training the
+    head on those same windows of unseen cases removes the gap between random training
+    crops and what the head is shown in use. A window that holds fewer than
+    ``min_lesion_voxels`` reference lesion voxels is labelled normal (as in training)."""
+    xs, ys = [], []
+    for n, ((x, y), c) in enumerate(zip(samples, classes, strict=True)):
+        f, _, lv = stage2_windows(model, x, y, patch, overlap)
+        lab = np.where((lv >= min_lesion_voxels) | (c == 0), c, 0)
+        xs.append(f)
+        ys.append(torch.as_tensor(lab, dtype=torch.int64))
+        if progress and (n + 1) % 20 == 0:
+            progress(f"head window features: {n + 1}/{len(samples)} cases")
+    return torch.cat(xs), torch.cat(ys)
