@@ -397,8 +397,10 @@ def test_a_dead_receiver_process_is_replaced(tmp_path: Path) -> None:
         expected = sum(1 for s in series for f in s.rglob("*") if f.is_file())
         with node.db.session() as s:
             assert s.scalar(sa.select(sa.func.count()).select_from(Instance)) == expected
-            replaced = list(s.scalars(sa.select(AuditEvent).where(
-                AuditEvent.event == "receiver.replaced")))
+        # The audit row follows the replacement's readiness (about a second after it
+        # appears): the four transfers can be done before it is written.
+        replaced = wait_for(lambda: audit_rows(node, "receiver.replaced"), timeout=30,
+                            what="the receiver.replaced audit row")
         assert len(replaced) == 1 and replaced[0].details["pid"] == victim
     finally:
         node.stop()

@@ -14,7 +14,7 @@ transfer. They are stored, and routing rules on Modality leave them alone.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from pydicom import uid
 from pynetdicom import build_context
@@ -26,6 +26,7 @@ __all__ = [
     "TRANSFER_SYNTAXES",
     "prefer_requestor_order",
     "supported_contexts",
+    "syntax_table",
 ]
 
 IMAGE_STORAGE_SOP_CLASSES: dict[str, str] = {
@@ -94,10 +95,17 @@ def supported_contexts() -> list[PresentationContext]:
     return contexts
 
 
+def syntax_table(contexts: Sequence[PresentationContext]) -> dict[str, list[str]]:
+    """{abstract syntax: our transfer syntaxes in our order}: what prefer_requestor_order
+    needs of the supported contexts, computed once per receiver, not per association."""
+    return {str(cx.abstract_syntax): [str(t) for t in cx.transfer_syntax] for cx in contexts}
+
+
 def prefer_requestor_order(
-    requested: Sequence[PresentationContext], supported: Sequence[PresentationContext]
+    requested: Sequence[PresentationContext], ours: Mapping[str, Sequence[str]]
 ) -> list[PresentationContext]:
-    """Our contexts with transfer syntaxes re-ordered to follow the requestor's preference.
+    """Our contexts for the requested abstract syntaxes (``ours`` from ``syntax_table``),
+    with transfer syntaxes re-ordered to follow the requestor's preference.
 
     pynetdicom picks the first of *the acceptor's* transfer syntaxes that the
     requestor proposed. A sender that offers one context with ``[JPEG 2000,
@@ -105,8 +113,10 @@ def prefer_requestor_order(
     (dcmtk cannot, and fails the store), and one that offers ``[Explicit LE,
     JPEG 2000]`` for a raw file would be asked to compress. Following the
     requestor's order means the node stores what the sender holds, untouched.
+    Only the requested abstract syntaxes are built: the others play no part in
+    the negotiation, and building all ~100 (each UID validated) for every
+    association was a large part of the cost of one.
     """
-    ours = {str(cx.abstract_syntax): [str(t) for t in cx.transfer_syntax] for cx in supported}
     preferred: dict[str, list[str]] = {}
     for cx in requested:
         allowed = ours.get(str(cx.abstract_syntax))
@@ -114,8 +124,5 @@ def prefer_requestor_order(
             continue
         order = preferred.setdefault(str(cx.abstract_syntax), [])
         order += [str(t) for t in cx.transfer_syntax if str(t) in allowed and str(t) not in order]
-    result = []
-    for abstract, syntaxes in ours.items():
-        first = preferred.get(abstract, [])
-        result.append(build_context(abstract, first + [t for t in syntaxes if t not in first]))
-    return result
+    return [build_context(abstract, first + [t for t in ours[abstract] if t not in first])
+            for abstract, first in preferred.items()]

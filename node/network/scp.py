@@ -19,7 +19,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Any, cast
@@ -44,7 +44,7 @@ from node.config import CallerConfig, DicomConfig, TLSConfig
 from node.errors import ConfigError, ConflictError, InputError, OutOfSpaceError, StorageError
 from node.network import status
 from node.network.acl import AccessPolicy
-from node.network.contexts import prefer_requestor_order, supported_contexts
+from node.network.contexts import prefer_requestor_order, supported_contexts, syntax_table
 from node.network.dispatch import Dispatcher
 from node.network.reactor import EventAssociation, encode_pdata_tf, make_event_driven
 from node.network.tls import server_context
@@ -102,8 +102,10 @@ def _peer(event: evt.Event) -> Peer:
     return Peer(ae_title=(requestor.ae_title or "").strip() or None, host=requestor.address)
 
 
-def handle_requested(event: evt.Event, policy: AccessPolicy, db: Database) -> None:
-    """EVT_REQUESTED: refuse unlisted callers before negotiation, and audit the attempt."""
+def handle_requested(event: evt.Event, policy: AccessPolicy, db: Database,
+                     syntaxes: Mapping[str, Sequence[str]]) -> None:
+    """EVT_REQUESTED: refuse unlisted callers before negotiation, and audit the attempt;
+    give an accepted one the contexts it asked for (``syntaxes``: ours, by abstract syntax)."""
     requestor = event.assoc.requestor
     primitive = requestor.primitive
     calling = (primitive.calling_ae_title or "").strip() if primitive is not None else ""
@@ -113,7 +115,7 @@ def handle_requested(event: evt.Event, policy: AccessPolicy, db: Database) -> No
         if primitive is not None:
             acceptor = event.assoc.acceptor
             acceptor.supported_contexts = prefer_requestor_order(
-                primitive.presentation_context_definition_list, acceptor.supported_contexts
+                primitive.presentation_context_definition_list, syntaxes
             )
         return
     try:
@@ -563,7 +565,8 @@ class Receiver:
         s = self.settings
         db = self.ingestor.db
         handlers: list[Any] = [
-            (evt.EVT_REQUESTED, handle_requested, [self.policy, db]),
+            (evt.EVT_REQUESTED, handle_requested,
+             [self.policy, db, syntax_table(self._ae.supported_contexts)]),
             (evt.EVT_ESTABLISHED, handle_established, [db]),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [self.ingestor]),
@@ -581,6 +584,9 @@ class Receiver:
         except OSError as exc:
             raise ConfigError(f"dicom: cannot listen on {s.host}:{s.port}: {exc.strerror}") from exc
         self._ae._servers.append(server)  # so pynetdicom's own shutdown finds it
+        # pynetdicom deep-copies the server's contexts into every new association;
+        # handle_requested sets the ones a caller asked for, so there is nothing to copy.
+        server.contexts = []
         self._server = cast(_Server, server)
         self._server.dispatcher = self.dispatcher
         self._server.on_end = self.on_end
