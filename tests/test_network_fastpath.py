@@ -167,3 +167,32 @@ def test_directly_sent_response_pdu_is_pynetdicoms_encoding() -> None:
     pdu = P_DATA_TF()
     pdu.from_primitive(pdata)
     assert encode_pdata_tf(7, pdv) == pdu.encode()
+
+
+def test_a_late_wake_up_never_writes_to_a_reused_descriptor() -> None:
+    """Once the DUL reactor has ended and closed its wake-up pipe, a wake-up from another
+    thread (the association's kill() does one) must not write to that descriptor
+    number, which the process may already have reused for a spool file."""
+    import os
+    import threading
+
+    from node.network.reactor import make_event_driven
+
+    assoc = Association(AE(), "acceptor")
+    assert make_event_driven(assoc)
+    dul: Any = assoc.dul
+    old_w = dul._wake_w
+    dul._kill_thread = True
+    dul.run_reactor()  # the loop sees the kill flag at once and closes its pipe
+    r, w = os.pipe()
+    try:
+        assert old_w in (r, w)  # the number was reused, so a stray write would show
+        waker = threading.Thread(target=dul.wake)
+        waker.start()
+        waker.join()
+        os.set_blocking(r, False)
+        with pytest.raises(BlockingIOError):
+            os.read(r, 1)  # nothing was written into the pipe that took the number
+    finally:
+        os.close(r)
+        os.close(w)

@@ -63,6 +63,10 @@ class _EventDUL(DULServiceProvider):
 
     def _prepare(self, wake_assoc: Callable[[], None]) -> None:
         self._wake_r, self._wake_w = os.pipe()
+        # Guards the pipe's closing against a late wake() from another thread (e.g. the
+        # association's kill() after this thread ended): a write to a closed descriptor
+        # number could land in whatever file reused it.
+        self._wake_lock = threading.Lock()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self.to_provider_queue = _WakingQueue(self.wake, self.to_provider_queue.queue)
@@ -74,8 +78,11 @@ class _EventDUL(DULServiceProvider):
         """Interrupt the reactor's wait (a no-op on its own thread: it is not waiting)."""
         if threading.current_thread() is self:
             return
-        with contextlib.suppress(BlockingIOError, OSError):  # full pipe: already woken
-            os.write(self._wake_w, b"\0")
+        with self._wake_lock:
+            if self._wake_w < 0:  # the reactor has ended
+                return
+            with contextlib.suppress(BlockingIOError, OSError):  # full pipe: already woken
+                os.write(self._wake_w, b"\0")
 
     def _wait(self) -> None:
         """Until the socket has data, another thread queued work, or _MAX_WAIT_S."""
@@ -99,7 +106,9 @@ class _EventDUL(DULServiceProvider):
             self._reactor()
         finally:
             self._wake_assoc()
-            for fd in (self._wake_r, self._wake_w):
+            with self._wake_lock:
+                fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), -1, -1
+            for fd in fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
 
