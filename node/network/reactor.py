@@ -31,13 +31,16 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from pynetdicom import evt
+from pynetdicom.association import LOGGER as ASSOC_LOGGER
 from pynetdicom.association import Association
 from pynetdicom.dul import LOGGER as DUL_LOGGER
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.utils import make_target
 
-__all__ = ["EventAssociation", "encode_pdata_tf", "make_event_driven", "split_pdvs"]
+__all__ = [
+    "EventAssociation", "encode_pdata_tf", "handlers_bound", "make_event_driven", "split_pdvs",
+]
 
 _MAX_WAIT_S = 0.25  # the longest either loop sleeps unsignalled (timers, foreign flags)
 
@@ -72,6 +75,7 @@ class _EventDUL(DULServiceProvider):
         self.to_provider_queue = _WakingQueue(self.wake, self.to_provider_queue.queue)
         self.to_user_queue = _WakingQueue(wake_assoc, self.to_user_queue.queue)
         self._wake_assoc = wake_assoc
+        # pynetdicom bound its own run_reactor as the thread target at construction.
         self._target = make_target(self.run_reactor)
 
     def wake(self) -> None:
@@ -210,10 +214,9 @@ class _EventDUL(DULServiceProvider):
         receive = getattr(self.assoc.dimse, "receive_pdvs", None)
         if receive is None:
             return False
-        assoc = self.assoc
-        for event in (evt.EVT_DATA_RECV, evt.EVT_PDU_RECV, evt.EVT_FSM_TRANSITION):
-            if assoc.get_handlers(event):
-                return False
+        if handlers_bound(self.assoc, evt.EVT_DATA_RECV, evt.EVT_PDU_RECV,
+                          evt.EVT_FSM_TRANSITION):
+            return False
         pdvs = split_pdvs(body)
         return pdvs is not None and bool(receive(pdvs))
 
@@ -240,7 +243,6 @@ class EventAssociation(Association):
         self._wake_event = threading.Event()
         dimse = self.dimse
         dimse.msg_queue = _WakingQueue(self._wake_event.set, dimse.msg_queue.queue)
-        self._target = make_target(self.run_reactor)
 
     def kill(self) -> None:
         self._wake_event.set()
@@ -248,9 +250,6 @@ class EventAssociation(Association):
 
     def _run_reactor(self) -> None:
         """pynetdicom's acceptor loop (association.py ``_run_reactor``), waiting for work."""
-        from pynetdicom import evt
-        from pynetdicom.association import LOGGER
-
         wake = self._wake_event
         self._is_paused = False
         while not self._kill:
@@ -268,7 +267,7 @@ class EventAssociation(Association):
 
             if self.is_established and self.acse.is_release_requested():
                 self.acse.send_release(is_response=True)
-                LOGGER.info("Association Released")
+                ASSOC_LOGGER.info("Association Released")
                 self.is_released = True
                 self.is_established = False
                 evt.trigger(self, evt.EVT_RELEASED, {})
@@ -279,7 +278,7 @@ class EventAssociation(Association):
                 log_msg = "Association Aborted"
                 if self.acse.is_aborted("a-p-abort"):
                     log_msg += " (A-P-ABORT)"
-                LOGGER.info(log_msg)
+                ASSOC_LOGGER.info(log_msg)
                 self.dul.receive_pdu(wait=False)  # so EVT_ACSE_RECV fires
                 self.is_aborted = True
                 self.is_established = False
@@ -292,7 +291,7 @@ class EventAssociation(Association):
                 return
 
             if self.dul.idle_timer_expired():
-                LOGGER.error("Network timeout reached")
+                ASSOC_LOGGER.error("Network timeout reached")
                 if self.network_timeout_response == "A-RELEASE":
                     self._is_paused = True
                     self._reactor_checkpoint.wait()
@@ -304,6 +303,12 @@ class EventAssociation(Association):
                 return
 
             wake.wait(_MAX_WAIT_S)
+
+
+def handlers_bound(assoc: Association, *events: evt.EventType) -> bool:
+    """Whether any of ``events`` has a handler: such a handler needs pynetdicom's own
+    objects (PDUs, primitives, transitions), so the direct paths step aside."""
+    return any(assoc.get_handlers(event) for event in events)
 
 
 def split_pdvs(body: bytes | bytearray) -> list[tuple[int, memoryview]] | None:

@@ -46,7 +46,12 @@ from node.network import status
 from node.network.acl import AccessPolicy
 from node.network.contexts import prefer_requestor_order, supported_contexts, syntax_table
 from node.network.dispatch import Dispatcher
-from node.network.reactor import EventAssociation, encode_pdata_tf, make_event_driven
+from node.network.reactor import (
+    EventAssociation,
+    encode_pdata_tf,
+    handlers_bound,
+    make_event_driven,
+)
 from node.network.tls import server_context
 from storage.audit import audit
 from storage.db import Database
@@ -378,10 +383,8 @@ class _FastStoreDIMSE(DIMSEServiceProvider):
             or dul.to_provider_queue.queue
         ):
             return False
-        assoc = self.assoc
-        for event in (evt.EVT_PDU_SENT, evt.EVT_DATA_SENT, evt.EVT_FSM_TRANSITION):
-            if assoc.get_handlers(event):
-                return False
+        if handlers_bound(self.assoc, evt.EVT_PDU_SENT, evt.EVT_DATA_SENT, evt.EVT_FSM_TRANSITION):
+            return False
         sock.send(encode_pdata_tf(context_id, pdv))
         return True
 
