@@ -110,7 +110,8 @@ def test_window_features_follow_the_inference_windows(dataset: Path) -> None:
     r = RECIPES["ct-stage2"]
     case = next(c for c in find_cases(dataset, "Tr") if c.diagnosis not in (None, "normal"))
     img, lab = read_case(case)
-    x, y = stage2_sample(img, lab, r.spacing, r.patch_zyx, r.preset, margin_mm=10.0)
+    x, y = stage2_sample(img, lab, r.spacing, r.patch_zyx, r.preset, margin_mm=10.0,
+                         min_extra=0)
     model = build(r.arch, r.params).eval()
     feats, peaks, lesvox = stage2_windows(model, x, y, r.patch_zyx)
     # The same windows, in the same order, as the pipeline's sliding window (overlap 0.5).
@@ -156,4 +157,75 @@ def test_head_finetune_on_windows_of_its_own_set(tmp_path: Path) -> None:
     assert new["head"]["iterations"] == 6 and new["head"]["lr"] == 1e-4
     # Kept like the body's final weights: a rerun reads it back instead of retraining.
     again = _finetune_head(r, tmp_path / "unused", tmp_path, st, 1.0, None)
+    assert all(torch.equal(again["state_dict"][k], new["state_dict"][k]) for k in changed)
+
+
+def test_window_crops_are_the_windows_inference_uses(dataset: Path) -> None:
+    """Without jitter, a window-placed training crop is exactly one of the windows the
+    pipeline's sliding window cuts from the stage-1 ROI (box + 10 mm) of the same case;
+    with jitter the crops move, and every window position gets drawn."""
+    import numpy as np
+    import SimpleITK as sitk  # noqa: N813
+    from monai.inferers import sliding_window_inference
+
+    from pipelines.pancreas.geometry import normalise, resample_like, roi_grid
+    from pipelines.training.data import find_cases, read_case, stage2_sample
+    from pipelines.training.trainers import _window_crop
+
+    r = RECIPES["ct-stage2"]
+    img, lab = read_case(find_cases(dataset, "Tr")[0])
+    x, y = stage2_sample(img, lab, r.spacing, r.patch_zyx, r.preset)  # 20 mm: training
+    # The pipeline's stage-2 grid for a stage-1 mask equal to the reference gland.
+    mask = sitk.GetArrayFromImage(lab) > 0
+    roi = roi_grid(mask, lab, margin_mm=10.0, spacing=r.spacing, min_size=r.patch_zyx[::-1])
+    xr = normalise(sitk.GetArrayFromImage(resample_like(img, roi, default=-1000.0)), r.preset)
+    assert np.array_equal(xr, stage2_sample(img, lab, r.spacing, r.patch_zyx, r.preset,
+                                            margin_mm=10.0, min_extra=0)[0])
+    assert all(a - b == 8 or b == p for a, b, p in zip(x.shape, xr.shape, r.patch_zyx,
+                                                        strict=True))
+    windows: list[np.ndarray] = []
+
+    def keep(p: torch.Tensor) -> torch.Tensor:
+        windows.extend(w[0].numpy().copy() for w in p)
+        return p.clone()  # MONAI weights its output in place: never hand back the input
+
+    with torch.inference_mode():
+        sliding_window_inference(torch.tensor(xr)[None, None], r.patch_zyx, 1, keep,
+                                 overlap=0.5, mode="gaussian")
+    rng = np.random.default_rng(0)
+    hit = set()
+    for _ in range(60):
+        xc, yc = _window_crop(x, y, r.patch_zyx, rng, margin_vox=4, jitter=0, overlap=0.5)
+        assert xc.shape == yc.shape == r.patch_zyx
+        same = [i for i, w in enumerate(windows) if np.allclose(w, xc, atol=1e-5)]
+        assert same, "a crop that is not an inference window"
+        hit.update(same)
+    assert len(hit) == len(windows)
+    jittered = {_window_crop(x, y, r.patch_zyx, rng, 4, 4, 0.5)[0].tobytes()
+                for _ in range(60)}
+    assert len(jittered) > len(windows)
+
+
+def test_refine_continues_the_whole_model_on_more_phantoms(dataset: Path,
+                                                          tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from pipelines.models.networks import build
+    from pipelines.training.run import _refine
+
+    r = replace(RECIPES["ct-stage2"], refine_iterations=4, refine_seeds=(60, 62),
+                window_crops=0.5)
+    model = build(r.arch, r.params)
+    st = {"state_dict": model.state_dict(), "seconds": 1.0, "seeds": [40, 44], "cases": 4,
+          "iterations": 10, "losses": {}}
+    new = _refine(r, dataset, tmp_path, st, 1.0, None)
+    assert (tmp_path / "data-ct-refine" / ".complete").read_text() == "60-62\n"
+    changed = {k for k in st["state_dict"]
+               if not torch.equal(st["state_dict"][k], new["state_dict"][k])}
+    assert any(k.startswith("cls_head.") for k in changed)
+    assert any(not k.startswith("cls_head.") for k in changed)  # the body moved too
+    assert new["iterations"] == 14 and new["refine"]["iterations"] == 4
+    assert new["refine"]["data"] == "seeds 40..43 and 60..61 (6 cases)"
+    assert new["refine"]["window_crops"] == 0.5
+    again = _refine(r, dataset, tmp_path, st, 1.0, None)
     assert all(torch.equal(again["state_dict"][k], new["state_dict"][k]) for k in changed)

@@ -102,11 +102,14 @@ def stage1_sample(img: sitk.Image, lab: sitk.Image, spacing: tuple[float, float,
 def stage2_sample(
     img: sitk.Image, lab: sitk.Image, spacing: tuple[float, float, float],
     patch_zyx: tuple[int, int, int], preset: str, margin_mm: float = 20.0,
+    min_extra: int = 8,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8]]:
-    """The pancreas ROI (ground-truth box plus a wide margin for crop jitter)."""
+    """The pancreas ROI: the ground-truth box plus a wide margin for crop jitter, at
+    least ``min_extra`` voxels more than a patch. ``margin_mm=10, min_extra=0`` is the
+    grid the pipeline gives stage 2 when stage 1 finds the gland exactly."""
     mask = sitk.GetArrayFromImage(lab) > 0
     ref = roi_grid(mask, lab, margin_mm=margin_mm, spacing=spacing,
-                   min_size=tuple(int(p) + 8 for p in patch_zyx[::-1]))
+                   min_size=tuple(int(p) + min_extra for p in patch_zyx[::-1]))
     bg = -1000.0 if preset.startswith("ct") else 0.0
     x = sitk.GetArrayFromImage(resample_like(img, ref, default=bg))
     y = sitk.GetArrayFromImage(resample_like(lab, ref, label=True))

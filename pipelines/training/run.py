@@ -114,6 +114,66 @@ def _say(progress: Callable[[str], None] | None, msg: str) -> None:
         progress(msg)
 
 
+def _phantoms(recipe: Recipe, work: Path, name: str, seeds: range,
+              progress: Callable[[str], None] | None) -> Path:
+    """A phantom set of its own under ``work`` (generated once, kept for a rerun)."""
+    from pipelines.phantom.io import write_dataset
+
+    contrast = "ct" if recipe.modality == "CT" else "mr_t1"
+    data = work / f"data-{contrast}-{name}"
+    marker, stamp = data / ".complete", f"{seeds.start}-{seeds.stop}\n"
+    if not marker.exists() or marker.read_text() != stamp:
+        _say(progress, f"generating {len(seeds)} {contrast} phantoms in {data}")
+        write_dataset(data, seeds, contrast=contrast)
+        marker.write_text(stamp)
+    return data
+
+
+def _refine(recipe: Recipe, data: Path, work: Path, st: dict[str, Any], scale: float,
+            progress: Callable[[str], None] | None) -> dict[str, Any]:
+    """The trained stage-2 model refined end to end on more phantoms, with crops placed
+    as inference places its windows (kept like ``final``; resumes from its checkpoint).
+
+    Why: the lesion map of a model trained on lesion-centred crops alone turned out to
+    depend on where a lesion falls in the one or two windows a stage-1 ROI gets."""
+    out = work / f"{recipe.package}.final-refine.pt"
+    if out.exists():
+        done: dict[str, Any] = torch.load(out, map_location="cpu", weights_only=False)
+        return done
+    assert recipe.refine_seeds is not None
+    seeds = range(*recipe.refine_seeds)
+    if scale < 1.0:
+        seeds = seeds[: max(6, int(len(seeds) * scale))]
+    extra = _phantoms(recipe, work, "refine", seeds, progress)
+    (work / "ckpt").mkdir(parents=True, exist_ok=True)
+    cases = find_cases(data, "Tr")[: st["cases"]] + find_cases(extra, "Tr")
+    t0 = time.monotonic()
+    s2, classes = [], []
+    for c in cases:
+        img, lab = read_case(c)
+        s2.append(stage2_sample(img, lab, recipe.spacing, recipe.patch_zyx, recipe.preset))
+        classes.append(_class(c.diagnosis, s2[-1][1]))
+    _say(progress, f"{recipe.package} refine: {len(s2)} cases loaded in "
+                   f"{time.monotonic() - t0:.0f}s")
+    cfg = replace(_config(recipe, 1, max(2, int(recipe.refine_iterations * min(scale, 1.0))),
+                          recipe.refine_minutes * max(min(scale, 1.0), 0.05)),
+                  lr=recipe.refine_lr, phases=(0.0, 0.0), window_crops=recipe.window_crops,
+                  init=st["state_dict"])
+    res = train_stage2(s2, classes, cfg, work / "ckpt" / f"{recipe.package}.refine.ckpt",
+                       progress)
+    new = {**st, "state_dict": res.model.state_dict(), "seconds": st["seconds"] + res.seconds,
+           "iterations": st["iterations"] + res.iterations, "losses": res.losses,
+           "refine": {"iterations": res.iterations, "lr": cfg.lr,
+                      "window_crops": cfg.window_crops, "roi_jitter": cfg.roi_jitter,
+                      "data": f"seeds {st['seeds'][0]}..{st['seeds'][1] - 1} and "
+                              f"{seeds.start}..{seeds.stop - 1} ({len(s2)} cases)",
+                      "seconds": round(res.seconds),
+                      "small_lesion_boost": cfg.small_lesion_boost,
+                      "losses": {k: round(float(v), 4) for k, v in res.losses.items()}}}
+    torch.save(new, out)
+    return new
+
+
 def _finetune_head(recipe: Recipe, data: Path, work: Path, st: dict[str, Any], scale: float,
                    progress: Callable[[str], None] | None) -> dict[str, Any]:
     """Stage 2's tumour-type MLP retrained on cached frozen features (kept like ``final``)."""
@@ -125,18 +185,10 @@ def _finetune_head(recipe: Recipe, data: Path, work: Path, st: dict[str, Any], s
 
     seeds_txt = f"seeds {st['seeds'][0]}..{st['seeds'][1] - 1} (the body's set)"
     if recipe.head_seeds is not None:
-        from pipelines.phantom.io import write_dataset
-
-        contrast = "ct" if recipe.modality == "CT" else "mr_t1"
         seeds = range(*recipe.head_seeds)
         if scale < 1.0:
             seeds = seeds[: max(6, int(len(seeds) * scale))]
-        data = work / f"data-{contrast}-head"
-        marker, stamp = data / ".complete", f"{seeds.start}-{seeds.stop}\n"
-        if not marker.exists() or marker.read_text() != stamp:
-            _say(progress, f"generating {len(seeds)} {contrast} phantoms in {data}")
-            write_dataset(data, seeds, contrast=contrast)
-            marker.write_text(stamp)
+        data = _phantoms(recipe, work, "head", seeds, progress)
         seeds_txt = f"seeds {seeds.start}..{seeds.stop - 1} ({len(seeds)} cases)"
     model = build(recipe.arch, dict(recipe.params))
     model.load_state_dict(st["state_dict"])
@@ -150,9 +202,10 @@ def _finetune_head(recipe: Recipe, data: Path, work: Path, st: dict[str, Any], s
     for c in find_cases(data, "Tr"):
         img, lab = read_case(c)
         if recipe.head_windows:
-            # The stage-1 ROI rule (box + 10 mm), one case at a time: only features kept.
+            # The stage-1 ROI rule (box + 10 mm, at least one patch), one case at a time:
+            # only features kept.
             x, y = stage2_sample(img, lab, recipe.spacing, recipe.patch_zyx, recipe.preset,
-                                 margin_mm=10.0)
+                                 margin_mm=10.0, min_extra=0)
             f, lb = window_features(model, [(x, y)], [_class(c.diagnosis, y)],
                                     recipe.patch_zyx)
             feats.append(f)
@@ -227,6 +280,8 @@ def train_demo(
                 "cases": len(seeds), "seeds": [seeds.start, seeds.stop],
             }
             torch.save(st, final)
+        if recipe.task == "lesion-detection" and recipe.refine_iterations > 0:
+            st = _refine(recipe, data, work, st, scale, progress)
         if recipe.task == "lesion-detection" and recipe.head_iterations > 0:
             st = _finetune_head(recipe, data, work, st, scale, progress)
         trained[key] = st
@@ -235,14 +290,21 @@ def train_demo(
     for key, st in trained.items():
         recipe = RECIPES[key]
         contrast = "ct" if recipe.modality == "CT" else "mr_t1"
+        data_txt = (f"synthetic {contrast} phantoms, seeds {st['seeds'][0]}.."
+                    f"{st['seeds'][1] - 1} ({st['cases']} cases)")
+        if "refine" in st:
+            data_txt += f"; refined on {st['refine']['data']}"
+        if "head" in st:
+            data_txt += f"; tumour-type head fine-tune on {st['head']['data']}"
         provenance = {
-            "data": f"synthetic {contrast} phantoms, seeds {st['seeds'][0]}..{st['seeds'][1] - 1}"
-                    f" ({st['cases']} cases), pipelines.phantom",
+            "data": f"{data_txt}, pipelines.phantom",
             "iterations": st["iterations"], "seconds": round(st["seconds"]),
             "threads": torch.get_num_threads(), "device": "cpu",
             "command": "make train-demo",
             "final_losses": {k: round(float(v), 4) for k, v in st["losses"].items()},
         }
+        if "refine" in st:
+            provenance["refine"] = st["refine"]
         if "head" in st:
             provenance["head_finetune"] = st["head"]
         path = write_package(weights_dir / recipe.package, recipe, st["state_dict"], provenance,

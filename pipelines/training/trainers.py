@@ -66,6 +66,14 @@ class TrainConfig:
     small_lesion_boost: float = 0.0
     small_lesion_mm: float = 20.0
     spacing_mm: float = 2.5
+    # stage 2 only: the fraction of crops placed as inference places its windows (a
+    # sliding-window position, overlap ``window_overlap``, on a stage-1-like ROI whose
+    # centre is off by up to ``roi_jitter`` voxels) instead of around a lesion voxel.
+    window_crops: float = 0.0
+    window_overlap: float = 0.5
+    roi_jitter: int = 4
+    # stage 2 only: start from these weights (a refinement of a trained model)
+    init: dict[str, torch.Tensor] | None = None
 
 
 @dataclass
@@ -228,6 +236,35 @@ def _crop(x: npt.NDArray, y: npt.NDArray, patch: Sequence[int], rng: np.random.G
     return x[sl], y[sl]
 
 
+def _scan_starts(size: int, patch: int, overlap: float) -> list[int]:
+    """Window starts along one axis as MONAI's sliding_window_inference lays them out."""
+    if size <= patch:
+        return [0]
+    step = max(int(patch * (1 - overlap)), 1)
+    n = math.ceil((size - patch) / step) + 1
+    return [min(i * step, size - patch) for i in range(n)]
+
+
+def _window_crop(x: npt.NDArray, y: npt.NDArray, patch: Sequence[int], rng: np.random.Generator,
+                 margin_vox: int, jitter: int, overlap: float) -> tuple[npt.NDArray, npt.NDArray]:
+    """A crop where inference would put a window.
+
+    ``stage2_sample`` keeps ``margin_vox`` more voxels on each side of the gland than
+    the stage-1 ROI rule does; the ROI is that box (at least one patch), its centre
+    moved by up to ``jitter`` voxels the way an imperfect stage-1 mask moves it, and
+    the crop is one of its sliding windows. Training on these teaches the lesion map
+    to see a lesion wherever it falls in the window inference happens to use."""
+    start = []
+    for p, s in zip(patch, x.shape, strict=True):
+        r = min(max(s - 2 * margin_vox, p), s)
+        lo = (s - r) // 2 + int(rng.integers(-jitter, jitter + 1))
+        lo = int(np.clip(lo, 0, s - r))
+        starts = _scan_starts(r, p, overlap)
+        start.append(lo + starts[int(rng.integers(len(starts)))])
+    sl = tuple(slice(a, a + p) for a, p in zip(start, patch, strict=True))
+    return x[sl], y[sl]
+
+
 def train_stage1(
     samples: list[tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8]]],
     cfg: TrainConfig,
@@ -271,6 +308,8 @@ def train_stage2(
     """Lesion map + tumour type, stage-wise: segmentation head, then the classification
     head on a frozen encoder, then both end to end."""
     model = build(cfg.arch, cfg.params)
+    if cfg.init is not None:
+        model.load_state_dict(cfg.init)
     seg_loss = DiceCELoss(sigmoid=True, batch=True)
     cls_loss = nn.CrossEntropyLoss(weight=torch.tensor(PDAC_WEIGHTS, dtype=torch.float32))
     aug = _augment()
@@ -307,13 +346,17 @@ def train_stage2(
             i = int(rng.choice(len(samples), p=w))
             x, y = samples[i]
             idx = lesion_idx[i]
-            # Mostly around a lesion; sometimes anywhere, so the gland's normal parts and
-            # the margin are seen often enough to learn to stay quiet there.
-            focus = idx[int(rng.integers(len(idx)))] if len(idx) and rng.random() < 0.75 \
-                else None
-            if focus is None:
-                focus = np.array([int(rng.integers(0, s)) for s in x.shape])
-            xc, yc = _crop(x, y, cfg.patch_zyx, rng, focus)
+            if cfg.window_crops and rng.random() < cfg.window_crops:
+                xc, yc = _window_crop(x, y, cfg.patch_zyx, rng, round(10.0 / cfg.spacing_mm),
+                                      cfg.roi_jitter, cfg.window_overlap)
+            else:
+                # Mostly around a lesion; sometimes anywhere, so the gland's normal parts
+                # and the margin are seen often enough to learn to stay quiet there.
+                focus = idx[int(rng.integers(len(idx)))] if len(idx) and rng.random() < 0.75 \
+                    else None
+                if focus is None:
+                    focus = np.array([int(rng.integers(0, s)) for s in x.shape])
+                xc, yc = _crop(x, y, cfg.patch_zyx, rng, focus)
             xs.append(aug(xc[None]))
             ys.append(yc[None])
             # A crop that lost the lesion shows a normal gland.
