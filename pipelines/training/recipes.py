@@ -91,9 +91,10 @@ RECIPES: dict[str, Recipe] = {
         # inference places its windows on a stage-1-like ROI (the 0.3.0 lesion map missed
         # whole lesions that sat in the ROI's one window; see the model card). On the
         # validation phantoms (seeds 800000-800179 and 850000-850299, 480 cases) patient
-        # AUROC 0.978 -> 0.995, sensitivity >= 10 mm 0.93 -> 0.96, FP/volume 0.24 -> 0.19;
-        # the head step after it changed the AUROC by less than 0.001 (kept: PDAC vs IPMN
-        # 0.981 -> 0.984). About 25 min on one thread (0.29 s an iteration).
+        # AUROC 0.978 -> 0.995, sensitivity >= 10 mm 0.91 / 0.95 -> 0.96 / 0.97, FP per
+        # volume 0.24 -> 0.19; the head step after it changed the AUROC by less than 0.001
+        # (kept: PDAC vs IPMN 0.981 -> 0.984). About 25 min on one thread (0.29 s an
+        # iteration).
         refine_iterations=5000, refine_seeds=(1000, 1400), refine_lr=3e-4,
         refine_minutes=75.0, window_crops=0.5, version="0.4.0-demo",
     ),

@@ -43,10 +43,11 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DEMO_SEEDS", "train_demo", "train_recipe"]
 
-# Training seeds of the demo sets; validation uses seeds 800000-800179 and evaluation
-# seeds from 900000 on, never these. CT stage 2 trains on all 400, the other CT models
-# on the first 160 (Recipe.train_cases); CT stage 2's head fine-tune has a set of its own
-# (Recipe.head_seeds: 400..799).
+# Training seeds of the demo sets; validation uses seeds 800000-800179 and 850000-850299,
+# evaluation seeds from 900000 on (900000-900059, 910000-910119 and 920000-920179 are
+# spent), never these. CT stage 2 trains on all 400, the other CT models on the first
+# 160 (Recipe.train_cases); CT stage 2's refine and head steps have sets of their own
+# (Recipe.refine_seeds: 1000..1399, Recipe.head_seeds: 400..799).
 DEMO_SEEDS = {"ct": range(0, 400), "mr_t1": range(100000, 100060)}
 
 
