@@ -71,8 +71,10 @@ bench-writers: $(STAMP)
 bench-pipeline: $(STAMP)
 	$(BIN)/python bench/bench_pipeline.py
 
-# Demo weights: phantoms + stage 1, stage 2, slice classifier, MR variant (about an hour
-# on 2 cores); resumes from data/train-demo after an interruption.
+# Demo weights: phantoms + stage 1, stage 2, slice classifier, MR variant, on one CPU
+# thread: CT stage 2 took 61 min from scratch on this 2-core machine, and the time
+# budgets of the other four (pipelines/training/recipes.py) add up to 53 min. Resumes
+# from data/train-demo after an interruption.
 train-demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/ainode train-demo --work data/train-demo
 

@@ -51,7 +51,7 @@ def train_demo(
     weights: Annotated[Path | None, typer.Option(help="where the packages go")] = None,
     only: Annotated[str | None, typer.Option(help="comma-separated recipe keys")] = None,
 ) -> None:
-    """Generate phantoms and train the shipped demo weights (about an hour on 2 cores)."""
+    """Generate phantoms and train the shipped demo weights (under two hours on one CPU thread)."""
     from pipelines.pancreas.pipeline import SHIPPED_WEIGHTS
     from pipelines.training.run import train_demo as run
 
