@@ -115,13 +115,14 @@ def _say(progress: Callable[[str], None] | None, msg: str) -> None:
         progress(msg)
 
 
-def _phantoms(recipe: Recipe, work: Path, name: str, seeds: range,
+def _phantoms(recipe: Recipe, work: Path, name: str | None, seeds: range,
               progress: Callable[[str], None] | None) -> Path:
-    """A phantom set of its own under ``work`` (generated once, kept for a rerun)."""
+    """A phantom set under ``work`` (generated once, kept for a rerun); ``name`` None is
+    the contrast's main training set, shared by its recipes."""
     from pipelines.phantom.io import write_dataset
 
     contrast = "ct" if recipe.modality == "CT" else "mr_t1"
-    data = work / f"data-{contrast}-{name}"
+    data = work / (f"data-{contrast}-{name}" if name else f"data-{contrast}")
     marker, stamp = data / ".complete", f"{seeds.start}-{seeds.stop}\n"
     if not marker.exists() or marker.read_text() != stamp:
         _say(progress, f"generating {len(seeds)} {contrast} phantoms in {data}")
@@ -244,7 +245,6 @@ def train_demo(
 
     ``scale`` shrinks iterations and budgets (tests use a tiny fraction).
     """
-    from pipelines.phantom.io import write_dataset
 
     torch.set_num_threads(1)
     summary: dict[str, Any] = {}
@@ -259,13 +259,7 @@ def train_demo(
             all_seeds = all_seeds[: max(6, int(len(all_seeds) * scale))]
         # A recipe may train on a prefix of the set (the older CT models on seeds 0..159).
         seeds = all_seeds[: recipe.train_cases] if recipe.train_cases else all_seeds
-        data = work / f"data-{contrast}"
-        done_marker = data / ".complete"
-        stamp = f"{all_seeds.start}-{all_seeds.stop}\n"
-        if not done_marker.exists() or done_marker.read_text() != stamp:
-            _say(progress, f"generating {len(all_seeds)} {contrast} phantoms in {data}")
-            write_dataset(data, all_seeds, contrast=contrast)
-            done_marker.write_text(stamp)
+        data = _phantoms(recipe, work, None, all_seeds, progress)
         final = work / f"{recipe.package}.final.pt"
         if final.exists():
             st = torch.load(final, map_location="cpu", weights_only=False)
