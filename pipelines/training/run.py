@@ -82,11 +82,7 @@ def train_recipe(
         _say(progress, f"{recipe.package}: {len(s1)} cases loaded in {time.monotonic() - t0:.0f}s")
         return train_stage1(s1, cfg, ckpt, progress)
     if recipe.task == "lesion-detection":
-        s2, classes = [], []
-        for c in cases:
-            img, lab = read_case(c)
-            s2.append(stage2_sample(img, lab, recipe.spacing, recipe.patch_zyx, recipe.preset))
-            classes.append(_class(c.diagnosis, s2[-1][1]))
+        s2, classes = _stage2_set(recipe, cases)
         _say(progress, f"{recipe.package}: {len(s2)} cases loaded in {time.monotonic() - t0:.0f}s")
         return train_stage2(s2, classes, cfg, ckpt, progress)
     if recipe.task == "slice-classification":
@@ -100,6 +96,17 @@ def train_recipe(
         _say(progress, f"{recipe.package}: {sum(len(s) for s in stacks)} slices loaded")
         return train_slice(stacks, labels, cfg, ckpt, progress)
     raise ValueError(f"unknown task {recipe.task!r}")
+
+
+def _stage2_set(recipe: Recipe, cases: list[Any]) -> tuple[
+        list[tuple[np.ndarray, np.ndarray]], list[int]]:
+    """Stage-2 training ROIs (wide margin for crop jitter) and each case's class."""
+    s2, classes = [], []
+    for c in cases:
+        img, lab = read_case(c)
+        s2.append(stage2_sample(img, lab, recipe.spacing, recipe.patch_zyx, recipe.preset))
+        classes.append(_class(c.diagnosis, s2[-1][1]))
+    return s2, classes
 
 
 def _class(diagnosis: str | None, lesion: np.ndarray) -> int:
@@ -150,11 +157,7 @@ def _refine(recipe: Recipe, data: Path, work: Path, st: dict[str, Any], scale: f
     (work / "ckpt").mkdir(parents=True, exist_ok=True)
     cases = find_cases(data, "Tr")[: st["cases"]] + find_cases(extra, "Tr")
     t0 = time.monotonic()
-    s2, classes = [], []
-    for c in cases:
-        img, lab = read_case(c)
-        s2.append(stage2_sample(img, lab, recipe.spacing, recipe.patch_zyx, recipe.preset))
-        classes.append(_class(c.diagnosis, s2[-1][1]))
+    s2, classes = _stage2_set(recipe, cases)
     _say(progress, f"{recipe.package} refine: {len(s2)} cases loaded in "
                    f"{time.monotonic() - t0:.0f}s")
     cfg = replace(_config(recipe, 1, max(2, int(recipe.refine_iterations * min(scale, 1.0))),
