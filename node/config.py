@@ -32,7 +32,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from node.errors import ConfigError
+from storage.errors import ConfigError
 
 __all__ = [
     "CallerConfig",

@@ -30,9 +30,9 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
 
 from node.config import DestinationConfig, NodeConfig
-from node.errors import InputError, NodeError
 from node.pacs import Orthanc, find_tool, orthanc, wait_for
 from storage.audit import os_actor
+from storage.errors import InputError, NodeError
 from storage.models import (
     AuditEvent,
     Destination,

@@ -30,13 +30,13 @@ from sqlalchemy import exists, func, select
 from sqlalchemy.orm import Session, selectinload
 
 from node.config import NodeConfig
-from node.errors import ModelError, NodeError
 from node.routing import RuleSpec, evaluate_rule, referenced_keys, series_attributes
 from node.routing.rules import RuleEvaluation
 from pipelines import registry
 from storage import jobs as job_store
 from storage.audit import audit
 from storage.db import Database
+from storage.errors import ModelError, NodeError
 from storage.filestore import FileStore
 from storage.models import (
     Instance,

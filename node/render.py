@@ -15,8 +15,8 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
 
-from node.errors import InputError, StorageError
 from storage.db import Database
+from storage.errors import InputError, StorageError
 from storage.filestore import FileStore
 from storage.models import Finding, Instance, Job, Output, Series
 

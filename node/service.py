@@ -32,12 +32,12 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.exc import SQLAlchemyError
 
 from node.config import NodeConfig
-from node.errors import ConfigError, NodeError, StorageError
 from node.network.dispatch import Dispatcher, channel_pair
 from node.network.scp import Receiver, ReceiverSettings
 from storage import migrate
 from storage.audit import audit
 from storage.db import Database
+from storage.errors import ConfigError, NodeError, StorageError
 from storage.filestore import FileStore
 from storage.ingest import Ingestor, verify_recent
 from storage.models import utcnow

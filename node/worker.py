@@ -35,11 +35,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from node.config import DEFAULT_ACCEPTS, NodeConfig
-from node.errors import ConflictError, InputError, ModelError, NodeError, PipelineError
 from pipelines import registry
 from pipelines.results import AnalysisResult
 from storage import jobs as job_store
 from storage.db import Database
+from storage.errors import ConflictError, InputError, ModelError, NodeError, PipelineError
 from storage.filestore import FileStore
 from storage.models import Destination, Finding, Instance, Output, RoutingRule
 

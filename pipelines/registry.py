@@ -16,8 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from node.errors import ModelError
 from pipelines.results import AnalysisResult
+from storage.errors import ModelError
 
 __all__ = ["Pipeline", "available", "get", "register"]
 

@@ -4,7 +4,7 @@ A lesion drawn on the wrong slice is the worst mistake this node can make, so
 the volume is built from positions, never from instance numbers or file names,
 and anything that cannot become *one* regular, unsheared grid is refused with
 a reason an administrator can act on (the job runner records the
-:class:`~node.errors.GeometryError` text on the job).
+:class:`~storage.errors.GeometryError` text on the job).
 
 Conventions (the same as SimpleITK, so ``Volume.to_sitk`` is a plain copy):
 
@@ -40,7 +40,7 @@ import SimpleITK as sitk  # noqa: N813
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from node.errors import GeometryError, InputError
+from storage.errors import GeometryError, InputError
 
 __all__ = [
     "GEOMETRY_TOLERANCE_MM",

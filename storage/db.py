@@ -19,7 +19,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.errors import StorageError
+from storage.errors import StorageError
 
 __all__ = ["Database", "normalise_url"]
 

@@ -17,8 +17,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from node.config import DestinationConfig
-from node.errors import ConflictError, InputError
 from storage.audit import audit
+from storage.errors import ConflictError, InputError
 from storage.models import Destination
 
 __all__ = ["add", "by_name", "list_all", "remove", "sync_from_config"]

@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from node.errors import InputError, OutOfSpaceError, StorageError
+from storage.errors import InputError, OutOfSpaceError, StorageError
 
 __all__ = ["FileStore", "HeldFile", "StoredFile", "atomic_write", "valid_uid"]
 

@@ -53,10 +53,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ClauseElement
 
-from node.errors import ConflictError, InputError, OutOfSpaceError, StorageError
 from storage.audit import audit
 from storage.db import Database
 from storage.dicom_values import json_value
+from storage.errors import ConflictError, InputError, OutOfSpaceError, StorageError
 from storage.filestore import FileStore, StoredFile, valid_uid
 from storage.models import AuditEvent, Instance, Series, SeriesState, Study, utcnow
 from storage.part10 import scan as part10_scan

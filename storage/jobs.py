@@ -30,9 +30,9 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from node.errors import ConflictError, InputError
 from storage.audit import audit
 from storage.db import Database
+from storage.errors import ConflictError, InputError
 from storage.models import Job, JobState, RoutingRule, Series, utcnow
 
 __all__ = [

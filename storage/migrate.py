@@ -10,8 +10,8 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.exc import SQLAlchemyError
 
-from node.errors import StorageError
 from storage.db import Database
+from storage.errors import StorageError
 
 __all__ = ["alembic_config", "current_revision", "head_revision", "upgrade"]
 

@@ -19,10 +19,10 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from node.errors import ConflictError, InputError
 from node.routing.conditions import Condition
 from node.routing.rules import RuleSpec
 from storage.audit import audit
+from storage.errors import ConflictError, InputError
 from storage.models import Destination, RoutingRule
 
 __all__ = [

@@ -18,9 +18,9 @@ from datetime import datetime, timedelta
 from sqlalchemy import case, func, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from node.errors import StorageError
 from storage.audit import audit
 from storage.db import Database
+from storage.errors import StorageError
 from storage.models import Series, SeriesState, Study
 
 __all__ = [

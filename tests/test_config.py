@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from node.config import NodeConfig, load_config
-from node.errors import ConfigError
+from storage.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "config" / "node.example.yaml"

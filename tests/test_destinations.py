@@ -9,9 +9,9 @@ import pytest
 from sqlalchemy import select
 
 from node.config import DestinationConfig
-from node.errors import ConflictError, InputError
 from storage import destinations
 from storage.db import Database
+from storage.errors import ConflictError, InputError
 from storage.models import AuditEvent
 from tests.support.net import free_port
 from tests.support.peers import orthanc

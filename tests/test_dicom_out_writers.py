@@ -19,11 +19,11 @@ import pydicom
 import pytest
 from skimage.draw import polygon2mask
 
-from node.errors import InputError
 from pipelines.dicom_out import WrittenObject, write_results
 from pipelines.dicom_out.render import LESION_RGB
 from pipelines.dicom_out.sc import NOT_FOR_DIAGNOSIS
 from pipelines.results import AlgorithmInfo, AnalysisResult, Lesion
+from storage.errors import InputError
 from tests.support.data import dicom_series_dir
 from tests.support.peers import require
 

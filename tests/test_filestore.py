@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from node.errors import InputError, OutOfSpaceError, StorageError
+from storage.errors import InputError, OutOfSpaceError, StorageError
 from storage.filestore import FileStore, atomic_write, valid_uid
 
 

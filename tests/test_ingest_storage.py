@@ -14,8 +14,8 @@ import pydicom
 import pytest
 import sqlalchemy as sa
 
-from node.errors import ConflictError, InputError, OutOfSpaceError
 from storage.db import Database
+from storage.errors import ConflictError, InputError, OutOfSpaceError
 from storage.filestore import FileStore
 from storage.ingest import Ingestor, IngestOutcome, Peer, read_header
 from storage.models import AuditEvent, Instance, Series, SeriesState, utcnow
@@ -328,7 +328,7 @@ def test_start_up_check_removes_rows_whose_files_did_not_survive(
 def test_failed_fsync_undoes_the_row_and_refuses_the_store(
     sqlite_db: Database, filestore: FileStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from node.errors import StorageError
+    from storage.errors import StorageError
     from storage.filestore import HeldFile
 
     def broken(self: HeldFile) -> None:

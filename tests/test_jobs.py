@@ -8,9 +8,9 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from node.errors import InputError
 from storage import jobs
 from storage.db import Database
+from storage.errors import InputError
 from storage.models import AuditEvent, Job, JobState, RoutingRule, Series, Study, utcnow
 
 UID_ROOT = "1.2.826.0.1.3680043.10.999"
@@ -149,7 +149,7 @@ def test_live_lease_is_not_requeued_and_renewal_extends_it(any_db: Database) -> 
 
 
 def test_result_from_a_worker_that_lost_the_job_is_refused(any_db: Database) -> None:
-    from node.errors import ConflictError
+    from storage.errors import ConflictError
 
     (sid,) = make_series(any_db)
     job_id, _ = ensure(any_db, sid, request(any_db, make_rule(any_db)))

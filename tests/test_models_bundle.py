@@ -10,9 +10,9 @@ import pytest
 import torch
 from monai.networks.nets import UNet
 
-from node.errors import ModelError
 from pipelines.models.bundle import import_monai_bundle
 from pipelines.models.package import load_package, verify_package
+from storage.errors import ModelError
 
 NET_DEF = {
     "_target_": "UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 2,

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from node.errors import ModelError
 from pipelines.models.nnunet import import_nnunet_folder
 from pipelines.models.package import load_package, verify_package
+from storage.errors import ModelError
 
 
 def _folder(root: Path) -> Path:

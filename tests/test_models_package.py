@@ -11,7 +11,6 @@ import yaml
 from typer.testing import CliRunner
 
 from node.cli import app
-from node.errors import ModelError
 from pipelines.models.networks import MultiTaskNet3D, SliceClassifier2D, build
 from pipelines.models.package import (
     load_package,
@@ -22,6 +21,7 @@ from pipelines.models.package import (
     write_package,
 )
 from pipelines.training.recipes import RECIPES
+from storage.errors import ModelError
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ import pytest
 import SimpleITK as sitk  # noqa: N813
 from pydantic import ValidationError
 
-from node.errors import ConfigError, GeometryError, PipelineError
 from pipelines.preprocess import (
     AdaptiveHistogramEqualisation,
     Context,
@@ -40,6 +39,7 @@ from pipelines.preprocess import (
     mr_t1,
 )
 from pipelines.volume import Volume, load_series
+from storage.errors import ConfigError, GeometryError, PipelineError
 from tests.support.data import SHARED_DATA, dicom_series_dir
 
 PANCREAS_LABEL = 7  # TotalSegmentator v2 "total" map

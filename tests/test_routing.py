@@ -9,7 +9,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from node.errors import InputError
 from node.routing import (
     Condition,
     RuleSpec,
@@ -18,6 +17,7 @@ from node.routing import (
     parse_condition,
 )
 from node.routing.conditions import evaluate
+from storage.errors import InputError
 from tests.support.data import dicom_series_dir
 
 

@@ -20,10 +20,10 @@ from sqlalchemy import func, select
 from typer.testing import CliRunner
 
 from node.cli import app, exit_code
-from node.errors import NodeError
 from storage import migrate
 from storage.audit import os_actor
 from storage.db import Database
+from storage.errors import NodeError
 from storage.models import AuditEvent, Job, RoutingRule, Series, Study
 from tests.support.data import dicom_series_dir
 

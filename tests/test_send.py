@@ -17,11 +17,11 @@ import pytest
 from sqlalchemy import select
 
 from node.config import DestinationConfig, NodeConfig
-from node.errors import InputError, TransferError
 from node.send import RetryPolicy, echo, queue_outputs, send_due
 from pipelines.dicom_out import write_results
 from storage import destinations
 from storage.db import Database
+from storage.errors import InputError, TransferError
 from storage.filestore import FileStore
 from storage.models import (
     AuditEvent,

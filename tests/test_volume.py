@@ -16,8 +16,8 @@ import pytest
 import SimpleITK as sitk  # noqa: N813
 from pydicom.uid import generate_uid
 
-from node.errors import GeometryError, InputError
 from pipelines.volume import Volume, load_datasets, load_series
+from storage.errors import GeometryError, InputError
 from tests.support.data import dicom_series_dir
 
 # Every series that is one 3D volume (the 4D EPI is refused by design, tested below).

@@ -20,13 +20,13 @@ import pytest
 from sqlalchemy import func, select
 
 from node.config import NodeConfig
-from node.errors import GeometryError
 from node.orchestration import record_turnaround
 from node.worker import Worker
 from pipelines import registry
 from pipelines.results import AlgorithmInfo, AnalysisResult, Lesion
 from storage import jobs as job_store
 from storage.db import Database
+from storage.errors import GeometryError
 from storage.filestore import FileStore
 from storage.models import (
     AuditEvent,

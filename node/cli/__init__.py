@@ -33,7 +33,7 @@ from node.cli import (
     worker_cmd,
 )
 from node.cli.context import AppContext
-from node.errors import ConfigError, InputError, NodeError
+from storage.errors import ConfigError, InputError, NodeError
 
 __all__ = ["app", "main"]
 

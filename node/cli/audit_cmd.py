@@ -20,7 +20,7 @@ from sqlalchemy import select
 
 from node.cli.context import get
 from node.cli.output import to_jsonable
-from node.errors import InputError
+from storage.errors import InputError
 from storage.models import AuditEvent, utcnow
 
 __all__ = ["app", "parse_since"]

@@ -15,10 +15,10 @@ from pydantic import ValidationError
 from node.cli.context import AppContext, get
 from node.cli.output import emit
 from node.config import DestinationConfig
-from node.errors import ConflictError, InputError, TransferError
 from node.send import echo as send_echo
 from storage import destinations as dest_store
 from storage.audit import audit, os_actor
+from storage.errors import ConflictError, InputError, TransferError
 
 __all__ = ["app"]
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from node.errors import InputError
+from storage.errors import InputError
 
 
 def evaluate(

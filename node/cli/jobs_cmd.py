@@ -10,11 +10,11 @@ from sqlalchemy.orm import selectinload
 
 from node.cli.context import get
 from node.cli.output import emit
-from node.errors import InputError
 from node.orchestration import evaluate_series, registry_model_version
 from storage import jobs as job_store
 from storage import rules as rule_store
 from storage.audit import os_actor
+from storage.errors import InputError
 from storage.models import Finding, Job, JobState, Output, Series, Transfer
 
 __all__ = ["app", "reprocess"]

@@ -11,7 +11,7 @@ import typer
 import pipelines
 from node.cli.context import get
 from node.cli.output import emit
-from node.errors import ModelError
+from storage.errors import ModelError
 
 if TYPE_CHECKING:
     from types import ModuleType

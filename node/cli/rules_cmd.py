@@ -19,7 +19,6 @@ from sqlalchemy.orm import selectinload
 from node.cli.audit_cmd import parse_since
 from node.cli.context import AppContext, get
 from node.cli.output import emit
-from node.errors import InputError
 from node.orchestration import evaluate_series
 from node.routing import (
     CALLING_AE,
@@ -34,6 +33,7 @@ from node.routing.attributes import read_header
 from pipelines import registry
 from storage import rules as rule_store
 from storage.audit import os_actor
+from storage.errors import InputError
 from storage.models import Job, RoutingRule, Series
 
 __all__ = ["app"]

@@ -41,7 +41,6 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 from sqlalchemy.exc import SQLAlchemyError
 
 from node.config import CallerConfig, DicomConfig, TLSConfig
-from node.errors import ConfigError, ConflictError, InputError, OutOfSpaceError, StorageError
 from node.network import status
 from node.network.acl import AccessPolicy
 from node.network.contexts import prefer_requestor_order, supported_contexts, syntax_table
@@ -55,6 +54,7 @@ from node.network.reactor import (
 from node.network.tls import server_context
 from storage.audit import audit
 from storage.db import Database
+from storage.errors import ConfigError, ConflictError, InputError, OutOfSpaceError, StorageError
 from storage.ingest import Ingestor, Peer
 from storage.part10 import decode_store_request, encode_file_meta, store_response_command
 

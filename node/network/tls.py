@@ -9,7 +9,7 @@ from __future__ import annotations
 import ssl
 
 from node.config import TLSConfig
-from node.errors import ConfigError
+from storage.errors import ConfigError
 
 __all__ = ["server_context"]
 

@@ -18,9 +18,9 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from node.errors import InputError
 from node.routing.conditions import CALLING_AE
 from storage.dicom_values import json_value
+from storage.errors import InputError
 
 __all__ = ["attributes_from_dataset", "read_header", "series_attributes", "series_in_folder"]
 

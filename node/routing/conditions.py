@@ -28,7 +28,7 @@ from typing import Any, Literal, cast
 
 from pydicom.datadict import keyword_dict
 
-from node.errors import InputError
+from storage.errors import InputError
 
 __all__ = [
     "CALLING_AE",

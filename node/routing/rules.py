@@ -13,8 +13,8 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from node.errors import InputError
 from node.routing.conditions import Condition, ConditionResult, evaluate, parse_condition
+from storage.errors import InputError
 
 __all__ = [
     "RESERVED_PIPELINES",

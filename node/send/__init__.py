@@ -26,10 +26,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from node.config import NodeConfig
-from node.errors import InputError, TransferError
 from node.send.scu import Peer, associate, contexts_for, echo_peer, store
 from storage.audit import audit
 from storage.db import Database
+from storage.errors import InputError, TransferError
 from storage.filestore import FileStore
 from storage.models import Destination, Output, Transfer, TransferState, utcnow
 

@@ -32,7 +32,7 @@ from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from node.errors import TransferError
+from storage.errors import TransferError
 
 __all__ = ["Peer", "associate", "echo_peer", "store"]
 

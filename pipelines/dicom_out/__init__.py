@@ -15,13 +15,13 @@ from typing import Literal, cast
 
 import pydicom
 
-from node.errors import InputError
 from pipelines.dicom_out.common import check_sources, fill_tracking_uids
 from pipelines.dicom_out.gsps import write_gsps
 from pipelines.dicom_out.sc import write_sc
 from pipelines.dicom_out.seg import write_seg
 from pipelines.dicom_out.sr import write_sr
 from pipelines.results import AnalysisResult
+from storage.errors import InputError
 
 __all__ = ["KINDS", "Kind", "WrittenObject", "write_results"]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
 import numpy.typing as npt
@@ -17,9 +18,8 @@ from highdicom import UID
 from scipy import ndimage
 from skimage import measure
 
-from node import __version__
-from node.errors import InputError
 from pipelines.results import AlgorithmInfo, AnalysisResult
+from storage.errors import InputError
 
 __all__ = [
     "NODE_VERSION",
@@ -36,7 +36,16 @@ __all__ = [
 ]
 
 PRODUCT = "dicom-ai-node"
-NODE_VERSION: str = __version__
+
+
+def _product_version() -> str:
+    """The installed distribution's version (pyproject.toml), the one the CLI prints too."""
+    try:
+        return version(PRODUCT)
+    except PackageNotFoundError:  # run from a tree that was never installed
+        return "0+unknown"
+
+NODE_VERSION: str = _product_version()
 
 
 def product_name(algorithm: AlgorithmInfo) -> str:

@@ -23,7 +23,6 @@ from highdicom.pr import (
     TextObject,
 )
 
-from node.errors import PipelineError
 from pipelines.dicom_out.common import (
     contours,
     fill_tracking_uids,
@@ -31,6 +30,7 @@ from pipelines.dicom_out.common import (
     stamp,
 )
 from pipelines.results import AnalysisResult
+from storage.errors import PipelineError
 
 __all__ = ["write_gsps"]
 

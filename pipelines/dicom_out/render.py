@@ -19,8 +19,8 @@ import numpy.typing as npt
 import pydicom
 from PIL import Image, ImageDraw, ImageFont
 
-from node.errors import InputError
 from pipelines.dicom_out.common import edge_mask, to_display
+from storage.errors import InputError
 
 __all__ = [
     "LESION_RGB",

@@ -16,10 +16,10 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
-from node.errors import PipelineError
 from pipelines.dicom_out.common import stamp, to_display
 from pipelines.dicom_out.render import LESION_RGB, PANCREAS_RGB, compose
 from pipelines.results import AnalysisResult
+from storage.errors import PipelineError
 
 __all__ = ["NOT_FOR_DIAGNOSIS", "write_sc"]
 

@@ -16,7 +16,6 @@ import numpy as np
 import numpy.typing as npt
 import pydicom
 
-from node.errors import PipelineError
 from pipelines.dicom_out import codes
 from pipelines.dicom_out.common import (
     SegmentPlan,
@@ -26,6 +25,7 @@ from pipelines.dicom_out.common import (
     stamp,
 )
 from pipelines.results import AnalysisResult
+from storage.errors import PipelineError
 
 __all__ = ["segment_algorithm", "write_seg"]
 

@@ -30,7 +30,6 @@ from highdicom.sr import (
 )
 from pydicom.sr.codedict import codes as pcodes
 
-from node.errors import PipelineError
 from pipelines.dicom_out import codes
 from pipelines.dicom_out.common import (
     fill_tracking_uids,
@@ -39,6 +38,7 @@ from pipelines.dicom_out.common import (
     stamp,
 )
 from pipelines.results import AnalysisResult, Lesion
+from storage.errors import PipelineError
 
 __all__ = ["lesion_text", "write_sr"]
 

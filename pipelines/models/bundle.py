@@ -22,7 +22,6 @@ import torch
 import yaml
 from torch import nn
 
-from node.errors import ModelError
 from pipelines.models.package import (
     Architecture,
     InputContract,
@@ -33,6 +32,7 @@ from pipelines.models.package import (
     sha256_file,
     write_manifest,
 )
+from storage.errors import ModelError
 
 __all__ = ["ALLOWED_NETWORKS", "build_bundle_network", "import_monai_bundle"]
 

@@ -16,7 +16,7 @@ from monai.networks.blocks import Convolution, ResidualUnit
 from monai.networks.nets import UNet
 from torch import nn
 
-from node.errors import ModelError
+from storage.errors import ModelError
 
 __all__ = ["ARCHITECTURES", "MultiTaskNet3D", "SliceClassifier2D", "build", "stage1_unet"]
 

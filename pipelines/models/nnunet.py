@@ -21,7 +21,6 @@ import SimpleITK as sitk  # noqa: N813
 import torch
 from torch import nn
 
-from node.errors import ModelError
 from pipelines.models.package import (
     Architecture,
     InputContract,
@@ -32,6 +31,7 @@ from pipelines.models.package import (
     sha256_tree,
     write_manifest,
 )
+from storage.errors import ModelError
 
 __all__ = ["NnUNetModel", "import_nnunet_folder", "load_nnunet", "read_nnunet_folder"]
 

@@ -21,8 +21,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from torch import nn
 
-from node.errors import ModelError
 from pipelines.models.networks import build
+from storage.errors import ModelError
 
 log = logging.getLogger(__name__)
 

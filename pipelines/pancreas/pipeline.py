@@ -25,7 +25,6 @@ import torch
 from monai.inferers import sliding_window_inference
 from scipy import ndimage
 
-from node.errors import ModelError, PipelineError
 from pipelines.models.package import LoadedModel, load_package
 from pipelines.pancreas.candidates import ScoreMode, combine_score, extract_candidates
 from pipelines.pancreas.geometry import (
@@ -43,6 +42,7 @@ from pipelines.pancreas.measures import (
     voxel_to_lps,
 )
 from pipelines.results import TUMOUR_TYPES, AlgorithmInfo, AnalysisResult, Lesion
+from storage.errors import ModelError, PipelineError
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ import numpy as np
 import numpy.typing as npt
 import SimpleITK as sitk  # noqa: N813
 
-from node.errors import GeometryError, PipelineError
 from pipelines.volume import Volume
+from storage.errors import GeometryError, PipelineError
 
 __all__ = [
     "PROVENANCE_VERSION",

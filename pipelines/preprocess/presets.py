@@ -14,7 +14,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from node.errors import ConfigError
 from pipelines.preprocess.core import Preprocessor, Step
 from pipelines.preprocess.steps import (
     AdaptiveHistogramEqualisation,
@@ -26,6 +25,7 @@ from pipelines.preprocess.steps import (
     Window,
     ZScore,
 )
+from storage.errors import ConfigError
 
 __all__ = [
     "ABDOMEN_WINDOW",

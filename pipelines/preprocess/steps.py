@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk  # noqa: N813
 
-from node.errors import PipelineError
 from pipelines.preprocess.core import Context, RoiBox
+from storage.errors import PipelineError
 
 __all__ = [
     "AdaptiveHistogramEqualisation",

@@ -15,7 +15,6 @@ import numpy as np
 import numpy.typing as npt
 import SimpleITK as sitk  # noqa: N813
 
-from node.errors import InputError
 from pipelines.pancreas.geometry import (
     normalise,
     resample_like,
@@ -24,6 +23,7 @@ from pipelines.pancreas.geometry import (
     stack_25d,
 )
 from pipelines.results import TUMOUR_TYPES
+from storage.errors import InputError
 
 __all__ = ["Case", "find_cases", "read_case", "slice_samples", "stage1_sample", "stage2_sample"]
 
