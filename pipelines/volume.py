@@ -62,6 +62,8 @@ _GAP_FACTOR = 1.5
 # Any other deviation from uniform spacing beyond this fraction is refused too:
 # a uniform grid would put those slices at the wrong place.
 _IRREGULAR_FRACTION = 0.2
+# Steps that agree to this (mm) are one spacing when telling mixed spacings apart.
+_MIXED_STEP_MM = 0.05
 # Total in-plane drift of the stack allowed, as a fraction of the pixel spacing.
 _SHEAR_FRACTION = 0.1
 
@@ -148,6 +150,13 @@ class _Slice:
     slope: float
     intercept: float
     localizer: bool
+    instance_number: int | None = None
+
+    def name(self) -> str:
+        """How a refusal names this image: instance number (as a PACS lists it) and UID."""
+        frame = "" if self.frame is None else f" frame {self.frame + 1}"
+        number = "" if self.instance_number is None else f"#{self.instance_number} "
+        return f"{number}{self.sop_instance_uid}{frame}"
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -171,6 +180,14 @@ def _sop_instance_uid(ds: Dataset) -> str:
     if not uid and getattr(ds, "file_meta", None) is not None:
         uid = _text(ds.file_meta, "MediaStorageSOPInstanceUID")
     return uid
+
+
+def _instance_number(ds: Dataset) -> int | None:
+    try:
+        value = ds.get("InstanceNumber")
+        return None if value in (None, "") else int(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _is_localizer(ds: Dataset) -> bool:
@@ -207,6 +224,7 @@ def _slices_of(path: Path, ds: Dataset) -> list[_Slice]:
     if rows <= 0 or cols <= 0:
         raise GeometryError(f"{where}: not an image (Rows/Columns missing)")
     localizer = _is_localizer(ds)
+    number = _instance_number(ds)
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     if "PerFrameFunctionalGroupsSequence" in ds:
         out = []
@@ -242,6 +260,7 @@ def _slices_of(path: Path, ds: Dataset) -> list[_Slice]:
                     slope=float(pvt.get("RescaleSlope", 1.0) if pvt is not None else 1.0),
                     intercept=float(pvt.get("RescaleIntercept", 0.0) if pvt is not None else 0.0),
                     localizer=frame_localizer,
+                    instance_number=number,
                 )
             )
         return out
@@ -264,6 +283,7 @@ def _slices_of(path: Path, ds: Dataset) -> list[_Slice]:
             slope=float(ds.get("RescaleSlope", 1.0) or 1.0),
             intercept=float(ds.get("RescaleIntercept", 0.0) or 0.0),
             localizer=localizer,
+            instance_number=number,
         )
     ]
 
@@ -374,44 +394,15 @@ def _layout(paths: Sequence[Path], min_slices: int) -> _Layout:
         )
 
     steps = np.diff(along)
-    duplicates = int(np.count_nonzero(steps < GEOMETRY_TOLERANCE_MM))
-    if duplicates:
-        raise GeometryError(
-            f"duplicate slice positions: {len(slices)} images at only "
-            f"{len(np.unique(np.round(along, 3)))} distinct positions along the normal: a "
-            "4D/multi-phase or "
-            "repeated acquisition, not one volume"
-        )
+    if np.any(steps < GEOMETRY_TOLERANCE_MM):
+        raise GeometryError(_duplicates_message(slices, along))
 
     if len(slices) > 1:
-        median = float(np.median(steps))
-        worst = int(np.argmax(steps))
-        if steps[worst] > _GAP_FACTOR * median:
-            raise GeometryError(
-                f"missing slices: a gap of {steps[worst]:.3f} mm between slice positions "
-                f"{along[worst]:.3f} and {along[worst + 1]:.3f} mm is more than "
-                f"{_GAP_FACTOR}x the median spacing {median:.3f} mm"
-            )
-        irregular = np.abs(steps - median) > _IRREGULAR_FRACTION * median
-        if np.any(irregular):
-            i = int(np.argmax(np.abs(steps - median)))
-            raise GeometryError(
-                f"irregular slice spacing: {steps[i]:.3f} mm at position {along[i]:.3f} mm "
-                f"vs median {median:.3f} mm"
-            )
-        # Gantry tilt (or any shear): positions must move along the normal only.
-        positions = np.stack([s.position for s in slices])
-        offsets = positions - positions[0]
-        in_plane = offsets - np.outer(offsets @ normal, normal)
-        drift = float(np.max(np.linalg.norm(in_plane, axis=1)))
-        if drift > _SHEAR_FRACTION * min(ref.pixel_spacing):
-            total = float(along[-1] - along[0])
-            angle = float(np.degrees(np.arctan2(drift, total)))
-            raise GeometryError(
-                f"gantry tilt / sheared stack: slice positions drift {drift:.3f} mm in-plane "
-                f"over {total:.1f} mm (about {angle:.2f} degrees from the slice normal); "
-                "refused rather than silently sheared"
-            )
+        # Every cause is named: a tilted stack with mixed spacing is both, and an admin
+        # who fixes one of them only would be refused again for the other.
+        problems = [*_spacing_problems(along, steps), *_tilt_problems(slices, along, normal)]
+        if problems:
+            raise GeometryError("; and ".join(problems))
         z_spacing = float((along[-1] - along[0]) / (len(slices) - 1))
     else:
         z_spacing = float(headers[0][1].get("SpacingBetweenSlices") or 0.0) or float(
@@ -427,6 +418,100 @@ def _layout(paths: Sequence[Path], min_slices: int) -> _Layout:
     spacing = (ref.pixel_spacing[1], ref.pixel_spacing[0], z_spacing)
     first_ds = next(ds for p, ds in headers if p == slices[0].path)
     return _Layout(slices=slices, spacing=spacing, direction=direction, first=first_ds)
+
+
+def _spacing_problems(along: npt.NDArray[np.float64],
+                      steps: npt.NDArray[np.float64]) -> list[str]:
+    """Gaps and irregular steps along the normal, each named by where it is."""
+    median = float(np.median(steps))
+    worst = int(np.argmax(steps))
+    irregular = np.abs(steps - median) > _IRREGULAR_FRACTION * median
+    if not np.any(irregular):
+        return []
+    mixed = _mixed_spacing(along, steps)
+    if mixed:
+        return [mixed]
+    if steps[worst] > _GAP_FACTOR * median:
+        gaps = np.flatnonzero(steps > _GAP_FACTOR * median)
+        more = f" ({len(gaps)} such gaps)" if len(gaps) > 1 else ""
+        return [
+            f"missing slices: a gap of {steps[worst]:.3f} mm between slice positions "
+            f"{along[worst]:.3f} and {along[worst + 1]:.3f} mm is more than "
+            f"{_GAP_FACTOR}x the median spacing {median:.3f} mm{more}"
+        ]
+    i = int(np.argmax(np.abs(steps - median)))
+    return [
+        f"irregular slice spacing: {steps[i]:.3f} mm at position {along[i]:.3f} mm "
+        f"vs median {median:.3f} mm"
+    ]
+
+
+def _mixed_spacing(along: npt.NDArray[np.float64], steps: npt.NDArray[np.float64]) -> str:
+    """Two or three spacings, each kept over a run of slices: not a gap but mixed protocols.
+
+    Such a stack (two reconstructions sent as one series, say) is not missing
+    slices; saying so would send an admin looking for images that never existed.
+    """
+    values, counts = np.unique(np.round(steps / _MIXED_STEP_MM) * _MIXED_STEP_MM,
+                               return_counts=True)
+    if not 2 <= len(values) <= 3 or np.any(counts < 2):
+        return ""
+    runs = []
+    for value in values:
+        idx = np.flatnonzero(np.abs(steps - value) <= _MIXED_STEP_MM)
+        if len(idx) < 2 or idx[-1] - idx[0] + 1 != len(idx):
+            return ""  # scattered large steps are missing slices, not a second protocol
+        runs.append(f"{value:.3f} mm over {len(idx)} steps from {along[idx[0]]:.3f} to "
+                    f"{along[idx[-1] + 1]:.3f} mm")
+    return f"mixed slice spacing: {', '.join(runs)}; one volume needs one spacing"
+
+
+def _tilt_problems(slices: Sequence[_Slice], along: npt.NDArray[np.float64],
+                   normal: npt.NDArray[np.float64]) -> list[str]:
+    """Gantry tilt (or any shear): positions must move along the normal only."""
+    positions = np.stack([s.position for s in slices])
+    offsets = positions - positions[0]
+    in_plane = offsets - np.outer(offsets @ normal, normal)
+    drift = float(np.max(np.linalg.norm(in_plane, axis=1)))
+    if drift <= _SHEAR_FRACTION * min(slices[0].pixel_spacing):
+        return []
+    total = float(along[-1] - along[0])
+    angle = float(np.degrees(np.arctan2(drift, total)))
+    return [
+        f"gantry tilt / sheared stack: slice positions drift {drift:.3f} mm in-plane "
+        f"over {total:.1f} mm (about {angle:.2f} degrees from the slice normal); "
+        "refused rather than silently sheared"
+    ]
+
+
+def _duplicates_message(slices: Sequence[_Slice], along: npt.NDArray[np.float64]) -> str:
+    """Which images share a position, by name, and what the distinct positions look like.
+
+    An admin has to find the offending instances in PACS, so they are named; the
+    cause (a repeated acquisition, a multi-phase series sent as one) is said only
+    where the counts show it: every position holding the same number of images.
+    """
+    rounded = np.round(along, 3)
+    distinct, counts = np.unique(rounded, return_counts=True)
+    shared = [float(z) for z, n in zip(distinct, counts, strict=True) if n > 1]
+    examples = []
+    for z in shared[:2]:
+        names = [s.name() for s, a in zip(slices, rounded, strict=True) if a == z]
+        listed = " and ".join(names) if len(names) == 2 else f"{', '.join(names[:2])}, ..."
+        examples.append(f"{len(names)} images at {z:.3f} mm ({listed})")
+    more = f" (and {len(shared) - 2} more shared positions)" if len(shared) > 2 else ""
+    text = (
+        f"duplicate slice positions: {len(slices)} images at only {len(distinct)} distinct "
+        f"positions along the normal; {'; '.join(examples)}{more}"
+    )
+    if len(set(counts.tolist())) == 1:
+        text += (f"; every position holds {int(counts[0])} images, as a multi-phase or "
+                 "repeated acquisition sent as one series does")
+    elif len(distinct) > 1:
+        gaps = _spacing_problems(distinct.astype(np.float64), np.diff(distinct))
+        if gaps:
+            text += f"; the distinct positions also have {gaps[0]}"
+    return text
 
 
 def _frame_pixels(path: Path, frames: list[int] | None) -> npt.NDArray[Any]:

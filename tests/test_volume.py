@@ -207,8 +207,34 @@ def test_refuses_duplicate_positions(tmp_path: Path) -> None:
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     extra = tmp_path / "mr_head_siemens_t1sag" / "repeat.dcm"
     ds.save_as(extra)
-    with pytest.raises(GeometryError, match="duplicate slice positions"):
+    with pytest.raises(GeometryError, match="duplicate slice positions") as err:
         load_series([*files, extra])
+    # Both images at the shared position are named, so an admin can find them in PACS.
+    original = pydicom.dcmread(files[8], stop_before_pixels=True)
+    assert str(original.SOPInstanceUID) in str(err.value)
+    assert str(ds.SOPInstanceUID) in str(err.value)
+    assert f"#{original.InstanceNumber} " in str(err.value)
+    assert "multi-phase" not in str(err.value)  # one repeat is not a 4D series
+
+
+def test_names_both_causes_of_a_tilted_stack_with_mixed_spacing(tmp_path: Path) -> None:
+    files = _by_position(_copy("ct_phantom_philips", tmp_path))
+    tilt = np.radians(18.5)
+    half = len(files) // 2
+    z0 = float(pydicom.dcmread(files[0], stop_before_pixels=True).ImagePositionPatient[2])
+    for k, path in enumerate(files):
+        ds = pydicom.dcmread(path)
+        x, y, _ = (float(v) for v in ds.ImagePositionPatient)
+        # 4 mm steps for the first half, 7 mm after: two reconstructions as one series.
+        along = 4.0 * k if k <= half else 4.0 * half + 7.0 * (k - half)
+        ds.ImagePositionPatient = [x, round(y + along * np.tan(tilt), 4), z0 + along]
+        ds.save_as(path)
+    with pytest.raises(GeometryError) as err:
+        load_series(files)
+    text = str(err.value)
+    assert "mixed slice spacing: 4.000 mm" in text and "7.000 mm" in text
+    assert "gantry tilt / sheared stack" in text and "18.50 degrees" in text
+    assert "missing slices" not in text
 
 
 def test_refuses_4d_series_as_duplicate_positions() -> None:
