@@ -5,26 +5,55 @@ destination, so a destination must have a stable id while transfers to it
 are pending, even if an admin edits the config meanwhile. Config-defined rows
 are upserted at start-up; one that leaves the config is disabled, not
 deleted, so its transfer history stays.
+
+Why a Protocol for the destination fields and a ``kinds`` parameter: storage
+is the ground floor and knows neither the config file's classes nor which
+result kinds the writers produce; the node passes both in.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Collection, Sequence
+from typing import Any, Protocol
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from node.config import DestinationConfig
 from storage.audit import audit
 from storage.errors import ConflictError, InputError
 from storage.models import Destination
 
-__all__ = ["add", "by_name", "list_all", "remove", "sync_from_config"]
+__all__ = [
+    "DestinationFields",
+    "add",
+    "by_name",
+    "list_all",
+    "remove",
+    "sync_from_config",
+    "validate_accepts",
+]
 
-KINDS = ("SEG", "SR", "GSPS", "SC")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class DestinationFields(Protocol):
+    """What a destination row is made of (the node's DestinationConfig has these fields)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def ae_title(self) -> str: ...
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def accepts(self) -> Sequence[str]: ...
+    @property
+    def calling_ae_title(self) -> str | None: ...
+    @property
+    def tls(self) -> bool: ...
 
 
 def by_name(session: Session, name: str) -> Destination | None:
@@ -35,7 +64,7 @@ def list_all(session: Session) -> list[Destination]:
     return list(session.scalars(select(Destination).order_by(Destination.name)))
 
 
-def _row_values(cfg: DestinationConfig) -> dict[str, Any]:
+def _row_values(cfg: DestinationFields) -> dict[str, Any]:
     return {
         "ae_title": cfg.ae_title,
         "host": cfg.host,
@@ -46,7 +75,7 @@ def _row_values(cfg: DestinationConfig) -> dict[str, Any]:
     }
 
 
-def sync_from_config(session: Session, destinations: Sequence[DestinationConfig],
+def sync_from_config(session: Session, destinations: Sequence[DestinationFields],
                      *, actor: str | None = None) -> list[Destination]:
     """Upsert the config's destinations; disable config rows the config no longer names."""
     names = {d.name for d in destinations}
@@ -78,15 +107,16 @@ def sync_from_config(session: Session, destinations: Sequence[DestinationConfig]
     return rows
 
 
-def validate_accepts(accepts: Sequence[str]) -> list[str]:
-    kinds = [k.strip().upper() for k in accepts if k.strip()]
-    bad = sorted(set(kinds) - set(KINDS))
-    if bad or not kinds:
-        raise InputError(f"accepts must list some of {', '.join(KINDS)}; got {accepts!r}")
-    return list(dict.fromkeys(kinds))
+def validate_accepts(accepts: Sequence[str], *, kinds: Collection[str]) -> list[str]:
+    """``accepts`` normalised (upper case, no repeats); InputError unless all are ``kinds``."""
+    wanted = [k.strip().upper() for k in accepts if k.strip()]
+    bad = sorted(set(wanted) - set(kinds))
+    if bad or not wanted:
+        raise InputError(f"accepts must list some of {', '.join(kinds)}; got {accepts!r}")
+    return list(dict.fromkeys(wanted))
 
 
-def add(session: Session, config: DestinationConfig, *, actor: str | None = None
+def add(session: Session, config: DestinationFields, *, actor: str | None = None
         ) -> Destination:
     """Add a CLI-defined destination; ConflictError if the name is taken."""
     if by_name(session, config.name) is not None:

@@ -33,7 +33,7 @@ _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _MAX_DEPTH = 8
 
-# keyword -> (tag, VR) for what the receiver reads (storage.ingest._HEADER_TAGS).
+# keyword -> (tag, VR) for what the receiver reads (storage.ingest.header._HEADER_TAGS).
 _DICT: dict[str, tuple[int, str]] = {
     "SpecificCharacterSet": (0x00080005, "CS"),
     "ImageType": (0x00080008, "CS"),
@@ -43,6 +43,7 @@ _DICT: dict[str, tuple[int, str]] = {
     "AccessionNumber": (0x00080050, "SH"),
     "Modality": (0x00080060, "CS"),
     "Manufacturer": (0x00080070, "LO"),
+    "StationName": (0x00081010, "SH"),
     "StudyDescription": (0x00081030, "LO"),
     "SeriesDescription": (0x0008103E, "LO"),
     "ManufacturerModelName": (0x00081090, "LO"),
@@ -52,8 +53,10 @@ _DICT: dict[str, tuple[int, str]] = {
     "BodyPartExamined": (0x00180015, "CS"),
     "ScanningSequence": (0x00180020, "CS"),
     "MRAcquisitionType": (0x00180023, "CS"),
+    "SequenceName": (0x00180024, "SH"),
     "SliceThickness": (0x00180050, "DS"),
     "KVP": (0x00180060, "DS"),
+    "MagneticFieldStrength": (0x00180087, "DS"),
     "ProtocolName": (0x00181030, "LO"),
     "ConvolutionKernel": (0x00181210, "SH"),
     "PatientPosition": (0x00185100, "CS"),
@@ -63,6 +66,7 @@ _DICT: dict[str, tuple[int, str]] = {
     "InstanceNumber": (0x00200013, "IS"),
     "Rows": (0x00280010, "US"),
     "Columns": (0x00280011, "US"),
+    "PixelSpacing": (0x00280030, "DS"),
 }
 # Character sets under which ASCII bytes (no ESC) decode to the same text as in ASCII.
 _ASCII_SAFE_CHARSETS = {"", "ISO_IR 6", "ISO_IR 100", "ISO_IR 192"}

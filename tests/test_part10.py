@@ -22,8 +22,8 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import create_file_meta
 from pynetdicom.dsutils import encode_file_meta as pynetdicom_file_meta
 
-from storage import ingest
 from storage.errors import InputError
+from storage.ingest import header as ingest
 from storage.part10 import encode_file_meta, scan, store_response_command
 from tests.support.data import list_series_dirs
 

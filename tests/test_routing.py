@@ -18,6 +18,7 @@ from node.routing import (
 )
 from node.routing.conditions import evaluate
 from storage.errors import InputError
+from storage.ingest import ROUTING_KEYWORDS, read_file_header, read_header
 from tests.support.data import dicom_series_dir
 
 
@@ -170,6 +171,20 @@ def test_attributes_from_a_real_header() -> None:
                           when=["Modality=CT", "SeriesDescription~abd|body|pancrea",
                                 "SliceThickness<=3", "ContrastBolusAgent?"])
     assert evaluate_rule(spec, attrs).matched
+
+
+def test_a_header_read_for_routing_gives_what_ingest_stores() -> None:
+    """``ainode rules test --path`` and the receiver read one keyword list with one
+    conversion: a rule that matches live traffic must match its test, and back."""
+    names = ("ct_phantom_philips", "mr_head_ge_3dt1", "mr_head_philips_enhanced",
+             "mr_head_siemens_t1sag")
+    files = [p for name in names for p in sorted(dicom_series_dir(name).glob("*.dcm"))[:2]]
+    assert len(files) >= len(names)
+    for path in files:
+        stored = read_header(path.read_bytes()).attributes
+        assert stored["Modality"] in ("CT", "MR")
+        assert attributes_from_dataset(read_file_header(path), ["CallingAE"]) == stored, path
+        assert set(stored) <= set(ROUTING_KEYWORDS)
 
 
 _values = st.one_of(st.text(max_size=20), st.floats(allow_nan=False),

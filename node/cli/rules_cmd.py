@@ -1,6 +1,6 @@
 """``ainode rules``: routing rules as reviewed data — add, edit, test, replay, import, export.
 
-Every change goes through storage.rules, so it is validated (unknown keyword,
+Every change goes through node.routing.store, so it is validated (unknown keyword,
 bad regex, unknown pipeline or destination: exit code 2), versioned, and
 audited with the OS user who ran the command.
 """
@@ -29,11 +29,11 @@ from node.routing import (
     referenced_keys,
     series_in_folder,
 )
-from node.routing.attributes import read_header
+from node.routing import store as rule_store
 from pipelines import registry
-from storage import rules as rule_store
 from storage.audit import os_actor
 from storage.errors import InputError
+from storage.ingest.header import read_file_header
 from storage.models import Job, RoutingRule, Series
 
 __all__ = ["app"]
@@ -339,7 +339,7 @@ def test(
         assert path is not None
         needed = referenced_keys(specs)
         for uid, files in series_in_folder(path).items():
-            attrs = attributes_from_dataset(read_header(files[0]), needed)
+            attrs = attributes_from_dataset(read_file_header(files[0]), needed)
             if calling_ae:
                 attrs[CALLING_AE] = calling_ae
             rows += _evaluation_rows(uid, [evaluate_rule(sp, attrs) for sp in specs],

@@ -3,7 +3,7 @@
 ``conditions`` holds the grammar (parsed to data, never eval-ed), ``rules``
 the rule value object with its validation and explained evaluation,
 ``attributes`` the keyword -> value view a rule is evaluated against.
-Storage of versioned rules is in storage.rules.
+Storage of versioned rules is in ``store`` (over storage's RoutingRule table).
 """
 
 from node.routing.attributes import attributes_from_dataset, series_attributes, series_in_folder

@@ -19,42 +19,22 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from node.routing.conditions import CALLING_AE
-from storage.dicom_values import json_value
 from storage.errors import InputError
+from storage.ingest.header import header_attributes, read_file_header
 
-__all__ = ["attributes_from_dataset", "read_header", "series_attributes", "series_in_folder"]
+__all__ = ["attributes_from_dataset", "series_attributes", "series_in_folder"]
 
 log = logging.getLogger(__name__)
 
-# Read from headers when present: what routing rules typically look at.
-_COMMON = (
-    "Modality", "BodyPartExamined", "SeriesDescription", "ProtocolName", "ContrastBolusAgent",
-    "SliceThickness", "ImageType", "SOPClassUID", "Manufacturer", "StudyDescription",
-    "SeriesNumber", "Rows", "Columns", "PixelSpacing", "ConvolutionKernel", "KVP",
-    "ScanningSequence", "SequenceName", "MagneticFieldStrength", "StationName",
-)
-
 
 def attributes_from_dataset(ds: Dataset, keywords: Collection[str] = ()) -> dict[str, Any]:
-    """The routable attributes of ``ds``: the common set plus ``keywords``."""
-    out: dict[str, Any] = {}
-    for kw in (*_COMMON, *keywords):
-        if kw == CALLING_AE or kw in out:
-            continue
-        elem = ds.data_element(kw) if kw in ds else None
-        if elem is None or elem.VR == "SQ":
-            continue
-        value = json_value(elem.value)
-        if value is not None:
-            out[kw] = value
-    return out
+    """The routable attributes of ``ds``: ingest's keyword list plus ``keywords``.
 
-
-def read_header(path: Path) -> Dataset:
-    try:
-        return pydicom.dcmread(path, stop_before_pixels=True)
-    except (InvalidDicomError, OSError, ValueError) as exc:
-        raise InputError(f"cannot read DICOM header of {path}: {exc}") from exc
+    The list and the conversion are the receiver's (``storage.ingest.header``),
+    so a header read here gives the values ingest stores with a series.
+    ``CallingAE`` is the routing pseudo-keyword, never in a header.
+    """
+    return header_attributes(ds, [kw for kw in keywords if kw != CALLING_AE])
 
 
 def series_attributes(
@@ -73,7 +53,8 @@ def series_attributes(
     missing = [k for k in needed if k not in attrs and k != CALLING_AE]
     if missing and header_path is not None:
         try:
-            attrs = {**attributes_from_dataset(read_header(header_path), missing), **attrs}
+            attrs = {**attributes_from_dataset(read_file_header(header_path), missing),
+                     **attrs}
         except InputError as exc:
             log.warning("cannot read a header for routing: %s", exc)
     return attrs

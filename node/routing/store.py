@@ -1,5 +1,9 @@
 """Versioned routing rules: every change adds a version and keeps the old one.
 
+Why it lives in routing rather than in storage: it is routing's logic (rule
+specs, their conditions and validation) over storage's ``RoutingRule`` table,
+and storage imports nothing above it.
+
 Why versions rather than updates in place: a job records the rule version that
 created it (``Job.rule_key = "<name>@v<version>"``), so a result can always be
 traced to the exact conditions and pipeline in force, and an edit is an
