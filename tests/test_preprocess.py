@@ -20,8 +20,12 @@ import SimpleITK as sitk  # noqa: N813
 from pydantic import ValidationError
 
 from pipelines.preprocess import (
+    INTENSITY_PRESETS,
+    PRESETS,
     AdaptiveHistogramEqualisation,
     Context,
+    Intensity,
+    ModelInput,
     N4BiasCorrection,
     PreprocessConfig,
     Preprocessor,
@@ -35,11 +39,13 @@ from pipelines.preprocess import (
     crop_to_roi,
     ct_abdomen,
     ct_pancreas,
+    ct_pancreas_window,
     for_modality,
     mr_t1,
+    mr_t1_zscore,
 )
 from pipelines.volume import Volume, load_series
-from storage.errors import ConfigError, GeometryError, PipelineError
+from storage.errors import ConfigError, GeometryError, ModelError, PipelineError
 from tests.support.data import SHARED_DATA, dicom_series_dir
 
 PANCREAS_LABEL = 7  # TotalSegmentator v2 "total" map
@@ -186,7 +192,7 @@ def test_invert_label_checks_the_shape() -> None:
 
 
 @pytest.mark.parametrize(
-    ("factory", "level", "width"), [(ct_pancreas, 50, 150), (ct_abdomen, 40, 350)]
+    ("factory", "level", "width"), [(ct_pancreas_window, 50, 150), (ct_abdomen, 40, 350)]
 )
 def test_ct_window_presets(factory: Any, level: float, width: float) -> None:
     volume = _volume("ct_abdomen_siemens")
@@ -201,6 +207,80 @@ def test_ct_window_presets(factory: Any, level: float, width: float) -> None:
         "low": level - width / 2,
         "high": level + width / 2,
     }
+
+
+def test_ct_pancreas_is_the_shipped_models_maths() -> None:
+    """``ct_pancreas`` means (HU + 200) / 550 clipped to 0..1 (-200..350 HU), the
+    maths the shipped CT weights were trained with; L50/W150 is ``ct_pancreas_window``."""
+    volume = _volume("ct_abdomen_siemens")
+    image, provenance = ct_pancreas(target_spacing=None).forward(volume)
+    expected = np.clip((volume.array.astype(np.float32) + 200.0) / 550.0, 0.0, 1.0)
+    assert np.array_equal(sitk.GetArrayFromImage(image), expected)
+    assert [s["step"] for s in provenance["steps"]] == ["reorient", "intensity"]
+    assert provenance["steps"][1]["clip_hu"] == [-200.0, 350.0]
+
+
+def test_mr_t1_is_the_shipped_models_maths() -> None:
+    """``mr_t1`` means division by the foreground's 99.5th percentile, clipped to
+    0..1.5; the foreground z-score is ``mr_t1_zscore``."""
+    volume = _volume("mr_head_ge_3dt1")
+    image, provenance = mr_t1(target_spacing=None).forward(volume)
+    reoriented = sitk.GetArrayFromImage(
+        Reorient("LPS").forward(volume.to_sitk(), Context(modality="MR"))
+    ).astype(np.float32)
+    hi = float(np.percentile(reoriented[reoriented > 0], 99.5))
+    expected = np.clip(reoriented / hi, 0.0, 1.5)
+    assert np.array_equal(sitk.GetArrayFromImage(image), expected)
+    assert provenance["steps"][-1]["percentile_99_5"] == pytest.approx(hi, rel=1e-6)
+    zscored, _ = mr_t1_zscore(target_spacing=None).forward(volume)
+    assert not np.allclose(sitk.GetArrayFromImage(zscored), expected)
+
+
+def test_same_preset_name_same_maths_everywhere() -> None:
+    """A declared preset that shares its name with an intensity preset applies exactly
+    that preset, and a model contract of that name gets the same step."""
+    shared = set(PRESETS) & set(INTENSITY_PRESETS)
+    assert shared == {"ct_pancreas", "mr_t1"}
+    for name in shared:
+        steps = PRESETS[name](target_spacing=None).describe()
+        assert {"step": "intensity", "preset": name, "window": None} in steps
+        assert [s.params() for s in ModelInput(name, (3.0, 3.0, 3.0)).steps()][1] == {
+            "preset": name,
+            "window": None,
+        }
+    for other in ("ct_pancreas_window", "ct_abdomen", "mr_t1_zscore"):
+        assert all(s["step"] != "intensity" for s in PRESETS[other]().describe())
+
+
+def test_unknown_or_incomplete_intensity_presets_are_refused() -> None:
+    with pytest.raises(ValueError, match="unknown intensity preset 'ct'"):
+        Intensity("ct")  # exact names only: no prefix ever means ct_pancreas
+    with pytest.raises(ValueError, match="needs a window"):
+        Intensity("ct_range")
+    with pytest.raises(ModelError, match="unknown intensity preset 'ct_soft'"):
+        ModelInput("ct_soft", (1.0, 1.0, 1.0)).forward(_volume("ct_phantom_philips").to_sitk())
+
+
+def test_model_input_records_its_forward_and_inverts_it() -> None:
+    """The contract path: whole scan at the model spacing, then back to the source."""
+    volume = _volume("ct_abdomen_siemens")
+    pancreas = _pancreas_on_ct(volume)
+    prepared = ModelInput("ct_pancreas", (0.8, 0.8, 2.0)).forward(volume.to_sitk())
+    provenance = json.loads(json.dumps(prepared.provenance))
+    assert [s["step"] for s in provenance["steps"]] == ["resample", "intensity"]
+    assert provenance["steps"][0]["default_value"] == -1000.0
+    assert provenance["output_grid"]["spacing"] == [0.8, 0.8, 2.0]
+    on_model_grid = prepared.label(_as_image(pancreas, volume))
+    assert on_model_grid.shape == prepared.array().shape
+    back = prepared.invert_label(on_model_grid)
+    assert back.shape == volume.shape and _dice(pancreas, back) >= 0.99
+    soft = prepared.invert_probability(on_model_grid.astype(np.float32))
+    assert _dice(pancreas, soft >= 0.5) >= 0.99
+    # onto a given grid (what stage 2 gets): the recorded output grid is that grid
+    roi = Preprocessor.forward_label(pancreas.astype(np.uint8), prepared.provenance)
+    onto = ModelInput("ct_pancreas", (0.8, 0.8, 2.0)).forward(volume.to_sitk(), onto=roi)
+    assert onto.provenance["output_grid"] == prepared.provenance["output_grid"]
+    assert np.array_equal(onto.array(), prepared.array())
 
 
 def test_reorient_is_a_lossless_permutation() -> None:
@@ -339,7 +419,7 @@ def test_failing_step_is_named() -> None:
 def test_provenance_records_every_step_and_is_json() -> None:
     volume = _volume("ct_abdomen_siemens")
     roi = RoiBox.from_volume_mask(volume, _pancreas_on_ct(volume))
-    _, provenance = ct_pancreas(crop_margin_mm=15.0).forward(volume, roi=roi)
+    _, provenance = ct_pancreas_window(crop_margin_mm=15.0).forward(volume, roi=roi)
     text = json.dumps(provenance)
     again = json.loads(text)
     assert [s["step"] for s in again["steps"]] == ["reorient", "resample", "crop", "window"]
@@ -355,7 +435,7 @@ def test_config_builds_presets_and_refuses_nonsense() -> None:
     pre = build(PreprocessConfig(preset="ct_abdomen", target_spacing=(1.0, 1.0, None)))
     assert [s["step"] for s in pre.describe()] == ["reorient", "resample", "window"]
     assert pre.describe()[2]["level"] == 40
-    mr = build(PreprocessConfig(preset="mr_t1", n4=True, resize=(256, 256)))
+    mr = build(PreprocessConfig(preset="mr_t1_zscore", n4=True, resize=(256, 256)))
     assert [s["step"] for s in mr.describe()] == [
         "reorient",
         "n4",
@@ -365,6 +445,12 @@ def test_config_builds_presets_and_refuses_nonsense() -> None:
     ]
     with pytest.raises(ValidationError, match="windw"):
         PreprocessConfig.model_validate({"preset": "ct_pancreas", "windw": [1, 2]})
+    with pytest.raises(ConfigError, match="not to ct_pancreas"):
+        build(PreprocessConfig(preset="ct_pancreas", window=(50, 150)))
+    pancreas = build(PreprocessConfig(preset="ct_pancreas_window", window=(60, 200)))
+    assert pancreas.describe()[2]["level"] == 60
+    mr = build(PreprocessConfig(preset="mr_t1", n4=True))
+    assert [s["step"] for s in mr.describe()] == ["reorient", "n4", "resample", "intensity"]
     with pytest.raises(ConfigError, match="window applies to CT"):
         build(PreprocessConfig(preset="mr_t1", window=(40, 400)))
     with pytest.raises(ConfigError, match="is for CT, the series is MR"):

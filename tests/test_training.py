@@ -168,7 +168,7 @@ def test_window_crops_are_the_windows_inference_uses(dataset: Path) -> None:
     import SimpleITK as sitk  # noqa: N813
     from monai.inferers import sliding_window_inference
 
-    from pipelines.pancreas.geometry import normalise, resample_like, roi_grid
+    from pipelines.preprocess import normalise, resample_like, roi_grid
     from pipelines.training.data import find_cases, read_case, stage2_sample
     from pipelines.training.trainers import _window_crop
 

@@ -26,26 +26,23 @@ import numpy as np
 import numpy.typing as npt
 import SimpleITK as sitk  # noqa: N813
 
+from pipelines.preprocess.grids import Grid, grid_of, reference_image
 from pipelines.volume import Volume
 from storage.errors import GeometryError, PipelineError
 
 __all__ = [
     "PROVENANCE_VERSION",
     "Context",
-    "Grid",
     "Preprocessor",
     "Provenance",
     "RoiBox",
     "Step",
-    "grid_of",
-    "reference_image",
 ]
 
 log = logging.getLogger(__name__)
 
 PROVENANCE_VERSION = 1
 Provenance = dict[str, Any]
-Grid = dict[str, list[float] | list[int]]
 
 
 @dataclass(frozen=True)
@@ -117,25 +114,6 @@ class Step(Protocol):
     def params(self) -> dict[str, Any]: ...
 
 
-def grid_of(image: sitk.Image) -> Grid:
-    """An image's grid as JSON: size (x, y, z), spacing, origin, direction."""
-    return {
-        "size": [int(v) for v in image.GetSize()],
-        "spacing": [float(v) for v in image.GetSpacing()],
-        "origin": [float(v) for v in image.GetOrigin()],
-        "direction": [float(v) for v in image.GetDirection()],
-    }
-
-
-def reference_image(grid: Grid, pixel_id: int = sitk.sitkUInt8) -> sitk.Image:
-    """An empty image on a recorded grid, the target of a resample."""
-    image = sitk.Image([int(v) for v in grid["size"]], pixel_id)
-    image.SetSpacing([float(v) for v in grid["spacing"]])
-    image.SetOrigin([float(v) for v in grid["origin"]])
-    image.SetDirection([float(v) for v in grid["direction"]])
-    return image
-
-
 def _same_grid(a: Grid, b: Grid) -> bool:
     return (
         list(a["size"]) == list(b["size"])
@@ -180,18 +158,24 @@ class Preprocessor:
         return [{"step": s.name, **s.params()} for s in self.steps]
 
     def forward(
-        self, volume: Volume, *, roi: RoiBox | None = None
+        self, volume: Volume | sitk.Image, *, roi: RoiBox | None = None, modality: str = ""
     ) -> tuple[sitk.Image, Provenance]:
         """Preprocess a volume; the provenance holds everything the inverse needs.
 
-        A failing step raises PipelineError("preprocess", ...) naming the step,
-        so the job records where it failed.
+        A SimpleITK image is accepted too (a job's stage inputs, training's NIfTI
+        cases), with ``modality`` said by the caller. A failing step raises
+        PipelineError("preprocess", ...) naming the step, so the job records
+        where it failed.
         """
-        image = volume.to_sitk()
+        if isinstance(volume, sitk.Image):
+            image, series_uid = volume, None
+        else:
+            image, series_uid = volume.to_sitk(), volume.series_instance_uid
+            modality = volume.modality
         source = grid_of(image)
         records: list[dict[str, Any]] = []
         for step in self.steps:
-            ctx = Context(modality=volume.modality, roi=roi)
+            ctx = Context(modality=modality, roi=roi)
             before = grid_of(image)
             started = time.perf_counter()
             try:
@@ -220,16 +204,13 @@ class Preprocessor:
         provenance: Provenance = {
             "version": PROVENANCE_VERSION,
             "preprocessor": self.name,
-            "series_instance_uid": volume.series_instance_uid,
-            "modality": volume.modality,
+            "series_instance_uid": series_uid,
+            "modality": modality,
             "source_grid": source,
             "steps": records,
             "output_grid": grid_of(image),
         }
-        log.debug(
-            "preprocessed",
-            extra={"series_uid": volume.series_instance_uid, "preprocessor": self.name},
-        )
+        log.debug("preprocessed", extra={"series_uid": series_uid, "preprocessor": self.name})
         return image, provenance
 
     @staticmethod

@@ -14,49 +14,30 @@ import numpy as np
 import SimpleITK as sitk  # noqa: N813
 
 from pipelines.preprocess.core import Context, RoiBox
+from pipelines.preprocess.grids import (
+    Grid,
+    reference_image,
+    resample_like,
+    resample_to_grid,
+    resample_to_spacing,
+)
+from pipelines.preprocess.intensity import intensity_preset, normalise
 from storage.errors import PipelineError
 
 __all__ = [
     "AdaptiveHistogramEqualisation",
     "ClipScale",
     "CropToRoi",
+    "Intensity",
     "N4BiasCorrection",
     "Reorient",
+    "ResampleToGrid",
     "ResampleToSpacing",
     "Resize2D",
     "Window",
     "ZScore",
     "crop_to_roi",
-    "resample_to_grid",
 ]
-
-
-def resample_to_grid(
-    image: sitk.Image,
-    size: tuple[int, int, int],
-    spacing: tuple[float, float, float],
-    *,
-    label: bool = False,
-    default: float = 0.0,
-) -> sitk.Image:
-    """Resample onto a grid with the same direction and the same physical start edge.
-
-    The first voxel's outer edge stays where it was: origin moves by half the
-    change of spacing along each axis. Linear for images, nearest for labels.
-    """
-    old_spacing = np.asarray(image.GetSpacing())
-    new_spacing = np.asarray(spacing, dtype=float)
-    direction = np.asarray(image.GetDirection()).reshape(3, 3)
-    origin = np.asarray(image.GetOrigin()) + direction @ ((new_spacing - old_spacing) / 2.0)
-    ref = sitk.Image([int(v) for v in size], sitk.sitkUInt8)
-    ref.SetSpacing([float(v) for v in new_spacing])
-    ref.SetOrigin([float(v) for v in origin])
-    ref.SetDirection(image.GetDirection())
-    if label:
-        return sitk.Resample(image, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-    return sitk.Resample(
-        image, ref, sitk.Transform(), sitk.sitkLinear, float(default), sitk.sitkFloat32
-    )
 
 
 @dataclass(frozen=True)
@@ -106,17 +87,29 @@ class ResampleToSpacing:
         )
         if any(s <= 0 for s in new_spacing):
             raise PipelineError("preprocess", f"target spacing must be positive: {self.spacing}")
-        size = tuple(
-            max(1, round(n * o / s))
-            for n, o, s in zip(image.GetSize(), old_spacing, new_spacing, strict=True)
-        )
-        if size == image.GetSize() and np.allclose(old_spacing, new_spacing, atol=1e-9, rtol=0):
-            return image
         default = self.default
         if default is None:
             default = float(sitk.GetArrayViewFromImage(image).min())
         ctx.record["default_value"] = default
-        return resample_to_grid(image, size, new_spacing, default=default)  # type: ignore[arg-type]
+        # Always resampled, even onto the same grid: that is what the shipped models
+        # were trained on, and one code path cannot differ by a skipped no-op.
+        return resample_to_spacing(image, new_spacing, default=default)
+
+
+@dataclass(frozen=True)
+class ResampleToGrid:
+    """Resample onto a given grid (e.g. the stage-2 ROI grid a stage-1 mask defines)."""
+
+    grid: Grid
+    default: float = 0.0  # value outside the source
+    name: str = "resample_to_grid"
+    geometric: bool = True
+
+    def params(self) -> dict[str, Any]:
+        return {"grid": self.grid, "default": self.default}
+
+    def forward(self, image: sitk.Image, ctx: Context) -> sitk.Image:
+        return resample_like(image, reference_image(self.grid), default=self.default)
 
 
 @dataclass(frozen=True)
@@ -240,6 +233,36 @@ class Window:
         low, high = self.level - self.width / 2.0, self.level + self.width / 2.0
         ctx.record["window"] = {"level": self.level, "width": self.width, "low": low, "high": high}
         return _clip_scale(image, low, high, *self.out_range)
+
+
+@dataclass(frozen=True)
+class Intensity:
+    """A named intensity preset (``pipelines.preprocess.intensity``): what models name.
+
+    The maths of ``ct_pancreas``, ``mr_t1`` and ``ct_range`` are those the shipped
+    models were trained with; this step is how every path applies them.
+    """
+
+    preset: str
+    window: tuple[float, float] | None = None  # ct_range only: HU low, high
+    name: str = "intensity"
+    geometric: bool = False
+
+    def __post_init__(self) -> None:
+        spec = intensity_preset(self.preset)  # unknown names fail when declared, not per job
+        if spec.needs_window and self.window is None:
+            raise ValueError(f"intensity preset {self.preset} needs a window")
+
+    def params(self) -> dict[str, Any]:
+        return {"preset": self.preset,
+                "window": None if self.window is None else list(self.window)}
+
+    def forward(self, image: sitk.Image, ctx: Context) -> sitk.Image:
+        # A view, not a copy: normalise only reads it, and a fine CT grid is large.
+        out = normalise(sitk.GetArrayViewFromImage(image), self.preset, self.window, ctx.record)
+        result = sitk.GetImageFromArray(out)
+        result.CopyInformation(image)
+        return result
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,9 @@
 Layout: ``imagesTr/<case>_0000.nii.gz`` (or ``.mha``/``.nii``), ``labelsTr/<case>.*``
 (0 background, 1 pancreas, 2 tumour), optional ``cases.csv`` with ``case_id,diagnosis``.
 ``imagesTs``/``labelsTs`` are read the same way for evaluation.
+
+Every sample is made by ``pipelines.preprocess.ModelInput``, the same call that
+makes a job's model inputs, so a model trains on exactly what it will be run on.
 """
 
 from __future__ import annotations
@@ -15,14 +18,9 @@ import numpy as np
 import numpy.typing as npt
 import SimpleITK as sitk  # noqa: N813
 
-from pipelines.pancreas.geometry import (
-    normalise,
-    resample_like,
-    resample_to_spacing,
-    roi_grid,
-    stack_25d,
-)
-from pipelines.results import TUMOUR_TYPES
+from pipelines.pancreas.output import TUMOUR_TYPES
+from pipelines.pancreas.preprocess import slice_roi, stage2_roi
+from pipelines.preprocess import ModelInput, stack_25d
 from storage.errors import InputError
 
 __all__ = ["Case", "find_cases", "read_case", "slice_samples", "stage1_sample", "stage2_sample"]
@@ -93,10 +91,8 @@ def read_case(case: Case) -> tuple[sitk.Image, sitk.Image]:
 def stage1_sample(img: sitk.Image, lab: sitk.Image, spacing: tuple[float, float, float],
                   preset: str) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8]]:
     """Whole volume at the stage-1 spacing; target = pancreas including its lesion."""
-    x = resample_to_spacing(img, spacing, default=-1000.0 if preset.startswith("ct") else 0.0)
-    y = resample_to_spacing(lab, spacing, label=True)
-    arr = normalise(sitk.GetArrayFromImage(x), preset)
-    return arr, (sitk.GetArrayFromImage(y) > 0).astype(np.uint8)
+    prepared = ModelInput(preset, spacing).forward(img)
+    return prepared.array(), (prepared.label(lab) > 0).astype(np.uint8)
 
 
 def stage2_sample(
@@ -108,12 +104,10 @@ def stage2_sample(
     least ``min_extra`` voxels more than a patch. ``margin_mm=10, min_extra=0`` is the
     grid the pipeline gives stage 2 when stage 1 finds the gland exactly."""
     mask = sitk.GetArrayFromImage(lab) > 0
-    ref = roi_grid(mask, lab, margin_mm=margin_mm, spacing=spacing,
-                   min_size=tuple(int(p) + min_extra for p in patch_zyx[::-1]))
-    bg = -1000.0 if preset.startswith("ct") else 0.0
-    x = sitk.GetArrayFromImage(resample_like(img, ref, default=bg))
-    y = sitk.GetArrayFromImage(resample_like(lab, ref, label=True))
-    return normalise(x, preset), (y == 2).astype(np.uint8)
+    ref = stage2_roi(mask, lab, margin_mm=margin_mm, spacing=spacing, patch_zyx=patch_zyx,
+                     min_extra=min_extra)
+    prepared = ModelInput(preset, spacing).forward(img, onto=ref)
+    return prepared.array(), (prepared.label(lab) == 2).astype(np.uint8)
 
 
 def slice_samples(
@@ -123,12 +117,10 @@ def slice_samples(
     """2.5D slices of the ROI (3 adjacent slices as channels), each labelled with the
     case's tumour type when it shows lesion, otherwise normal."""
     mask = sitk.GetArrayFromImage(lab) > 0
-    ref = roi_grid(mask, lab, margin_mm=margin_mm, spacing=spacing, min_size=(size, size, 3),
-                   exact_xy=size)
-    bg = -1000.0 if preset.startswith("ct") else 0.0
-    x = normalise(sitk.GetArrayFromImage(resample_like(img, ref, default=bg)), preset)
-    y = sitk.GetArrayFromImage(resample_like(lab, ref, label=True))
-    stack = stack_25d(x)
+    ref = slice_roi(mask, lab, margin_mm=margin_mm, spacing=spacing, size=size)
+    prepared = ModelInput(preset, spacing).forward(img, onto=ref)
+    y = prepared.label(lab)
+    stack = stack_25d(prepared.array())
     cls = TUMOUR_TYPES.index(diagnosis) if diagnosis in TUMOUR_TYPES else 0
     labels = np.where((y == 2).sum(axis=(1, 2)) >= min_lesion_px, cls, 0).astype(np.int64)
     return stack, labels
