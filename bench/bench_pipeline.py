@@ -51,7 +51,7 @@ def one(kind: str, threads: int) -> dict[str, float]:
     if kind == "pipeline":
         res = pipe.run(img)
         out.update({f"{k}": float(v) for k, v in res.provenance["timings"].items()})
-        out["lesions"] = float(len(res.lesions))
+        out["lesions"] = float(len(res.finding_segments()))
     elif kind == "single-stage":
         from monai.inferers import sliding_window_inference
 

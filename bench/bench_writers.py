@@ -32,7 +32,8 @@ from pipelines.dicom_out.common import fill_tracking_uids
 from pipelines.dicom_out.gsps import write_gsps
 from pipelines.dicom_out.seg import segment_algorithm, write_seg
 from pipelines.dicom_out.sr import write_sr
-from pipelines.results import AlgorithmInfo, AnalysisResult, Lesion
+from pipelines.pancreas.output import Lesion, PancreasReport
+from pipelines.results import AlgorithmInfo, AnalysisResult
 from tests.support.data import dicom_series_dir
 
 N, ROWS, COLS = 300, 512, 512
@@ -65,12 +66,12 @@ def result_for(srcs: list[pydicom.Dataset]) -> AnalysisResult:
     pan[120:200, 220:300, 150:380] = True
     l1 = sphere((150, 260, 200), 25, 2.0 / 0.45)
     l2 = sphere((180, 250, 330), 12, 2.0 / 0.45)
-    return fill_tracking_uids(AnalysisResult(
+    return fill_tracking_uids(PancreasReport(
         "pancreas-ct", AlgorithmInfo("ainode pancreas-ct", "bench"),
         [str(d.SOPInstanceUID) for d in srcs], 0.9, True, pan, None,
         [Lesion(1, l1, 0.92, 23.0, 5.0, (0, 0, 0), "head", 30.0),
          Lesion(2, l2, 0.7, 11.0, 0.6, (0, 0, 0), "tail", 40.0)],
-    ))
+    ).to_result())
 
 
 def ours(result: AnalysisResult, srcs: list[pydicom.Dataset]) -> None:
@@ -84,8 +85,7 @@ def ours_seg_only(result: AnalysisResult, srcs: list[pydicom.Dataset]) -> None:
 
 
 def reference(result: AnalysisResult, srcs: list[pydicom.Dataset]) -> None:
-    assert result.pancreas_mask is not None
-    pixels = np.stack([result.pancreas_mask, *[les.mask for les in result.lesions]], axis=-1)
+    pixels = np.stack([s.mask for s in result.segments], axis=-1)
     cat = [hd.sr.CodedConcept("91723000", "SCT", "Anatomical Structure")] + \
         [hd.sr.CodedConcept("49755003", "SCT", "Morphologically Abnormal Structure")] * 2
     typ = [hd.sr.CodedConcept("15776009", "SCT", "Pancreas")] + \
@@ -134,7 +134,7 @@ def main() -> None:
         stats[name] = (statistics.median(r[0] for r in runs), max(r[1] for r in runs))
     ref_t, ref_m = stats["reference: hd Segmentation, full array"]
     print(f"{N}x{ROWS}x{COLS} source, 2 lesions + pancreas, "
-          f"{sum(bool(m.any()) for m in result.pancreas_mask)} pancreas slices; "  # type: ignore[union-attr]
+          f"{sum(bool(m.any()) for m in result.segments[0].mask)} pancreas slices; "
           f"median of {args.runs} runs; peak = tracemalloc peak (Python + numpy heap)")
     print(f"{'case':42s} {'time s':>8s} {'x ref':>7s} {'peak MiB':>9s} {'x ref':>7s}")
     for name, (t, m) in stats.items():

@@ -32,6 +32,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from pipelines.dicom_out import registry as writers
 from storage.errors import ConfigError
 
 __all__ = [
@@ -41,9 +42,11 @@ __all__ = [
     "InferenceConfig",
     "LoggingConfig",
     "NodeConfig",
+    "ResultKind",
     "SeriesConfig",
     "StorageConfig",
     "TLSConfig",
+    "default_accepts",
     "load_config",
 ]
 
@@ -52,8 +55,22 @@ __all__ = [
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
-ResultKind = Literal["SEG", "SR", "GSPS", "SC"]
-DEFAULT_ACCEPTS: tuple[ResultKind, ...] = ("SEG", "SR", "GSPS")
+
+def _check_kind(value: str) -> str:
+    # Checked against the writer registry when the config is read, so a plug-in
+    # writer's kind is accepted exactly when that plug-in is installed.
+    known = writers.kinds()
+    if value not in known:
+        raise ValueError(f"unknown result kind {value!r}; known: {', '.join(known)}")
+    return value
+
+
+ResultKind = Annotated[str, AfterValidator(_check_kind)]
+
+
+def default_accepts() -> list[str]:
+    """What a destination takes when its configuration does not say (the registry's defaults)."""
+    return list(writers.default_kinds())
 
 
 def _check_ae_title(value: str) -> str:
@@ -183,7 +200,7 @@ class DestinationConfig(_Section):
     ae_title: AETitle
     host: str
     port: Annotated[int, Field(ge=1, le=65535)]
-    accepts: list[ResultKind] = Field(default_factory=lambda: list(DEFAULT_ACCEPTS))
+    accepts: list[ResultKind] = Field(default_factory=default_accepts)
     calling_ae_title: AETitle | None = Field(
         default=None, description="AE title we present; default: dicom.ae_title"
     )

@@ -115,12 +115,16 @@ def read_series_folder(folder: Path) -> tuple[list[Path], str, str]:
 
 
 def ensure_destination(service: Any, name: str, ae_title: str, port: int) -> None:
-    """Point the demo destination at this run's PACS port (it changes every run)."""
+    """Point the demo destination at this run's PACS port (it changes every run).
+
+    It takes every kind the node can write: the demo shows them all.
+    """
+    from pipelines.dicom_out import registry as writers
     from storage import destinations
     from storage.audit import audit
 
     cfg = DestinationConfig(name=name, ae_title=ae_title, host="127.0.0.1", port=port,
-                            accepts=["SEG", "SR", "GSPS", "SC"])
+                            accepts=list(writers.kinds()))
     with service.db.session() as s:
         row = destinations.by_name(s, name)
         if row is None:
@@ -133,9 +137,9 @@ def ensure_destination(service: Any, name: str, ae_title: str, port: int) -> Non
 
 
 def ensure_rule(service: Any, name: str, destination: str) -> None:
+    from node.routing import store as rules
     from node.routing.rules import RuleSpec
     from pipelines import registry
-    from storage import rules
 
     with service.db.session() as s:
         current = [r for r in rules.current_rules(s) if r.name == name]

@@ -34,16 +34,24 @@ def _sort_key(ds: pydicom.Dataset) -> tuple[float, int]:
 
 
 def legend_lines(findings: list[Finding]) -> list[str]:
+    """Series-level findings first; each in the pipeline's own legend words when it gave them.
+
+    Those are the Secondary Capture's legend lines (node.findings keeps them in
+    the row's details), so a PNG says what the SC says; rows without them are
+    worded from their columns.
+    """
     lines = []
     for f in sorted(findings, key=lambda f: (f.kind != "patient", f.id)):
-        if f.kind == "patient":
-            prob = f"{f.probability:.2f}" if f.probability is not None else "n/a"
+        given = (f.details or {}).get("legend")
+        prob = f"{f.probability:.2f}" if f.probability is not None else "n/a"
+        if given:
+            lines.append(str(given))
+        elif f.kind == "patient":
             lines.append(f"{f.label}: {prob}")
         else:
-            where = f"pancreatic {f.location}" if f.location else "pancreas region"
+            where = f" in {f.location}" if f.location else ""
             size = f"{f.diameter_mm:.0f} mm" if f.diameter_mm is not None else "size n/a"
-            prob = f"{f.probability:.2f}" if f.probability is not None else "n/a"
-            lines.append(f"Lesion in {where}, {size}, probability {prob}")
+            lines.append(f"{f.label[:1].upper()}{f.label[1:]}{where}, {size}, probability {prob}")
     return lines
 
 

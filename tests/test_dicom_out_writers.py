@@ -20,9 +20,10 @@ import pytest
 from skimage.draw import polygon2mask
 
 from pipelines.dicom_out import WrittenObject, write_results
-from pipelines.dicom_out.render import LESION_RGB
+from pipelines.dicom_out.render import FINDING_RGB
 from pipelines.dicom_out.sc import NOT_FOR_DIAGNOSIS
-from pipelines.results import AlgorithmInfo, AnalysisResult, Lesion
+from pipelines.pancreas.output import Lesion, PancreasReport
+from pipelines.results import AlgorithmInfo, AnalysisResult
 from storage.errors import InputError
 from tests.support.data import dicom_series_dir
 from tests.support.peers import require
@@ -48,7 +49,8 @@ def sources() -> list[pydicom.Dataset]:
     return load_sorted("ct_phantom_philips")
 
 
-def make_result(sources: Sequence[pydicom.Dataset]) -> AnalysisResult:
+def make_result(sources: Sequence[pydicom.Dataset]) -> PancreasReport:
+    """The pancreas pipeline's report; its ``to_result()`` is what the writers get."""
     n, rows, cols = len(sources), int(sources[0].Rows), int(sources[0].Columns)
     pan = np.zeros((n, rows, cols), bool)
     pan[PANCREAS_SLICES.start:PANCREAS_SLICES.stop, 200:300, 180:350] = True
@@ -60,7 +62,7 @@ def make_result(sources: Sequence[pydicom.Dataset]) -> AnalysisResult:
     prob = np.zeros(pan.shape, np.float32)
     prob[l1] = 0.9
     prob[l2] = 0.6
-    return AnalysisResult(
+    return PancreasReport(
         pipeline="pancreas-ct",
         algorithm=AlgorithmInfo("ainode pancreas-ct", "0.1.0-test"),
         source_sop_instance_uids=[str(d.SOPInstanceUID) for d in sources],
@@ -96,12 +98,12 @@ def by_kind(objs: Sequence[WrittenObject], kind: str) -> list[pydicom.Dataset]:
 
 
 @pytest.fixture(scope="module")
-def written(sources: list[pydicom.Dataset]) -> tuple[AnalysisResult, list[WrittenObject]]:
+def written(sources: list[pydicom.Dataset]) -> tuple[PancreasReport, list[WrittenObject]]:
     result = make_result(sources)
-    return result, write_results(result, sources, {"SEG", "SR", "GSPS", "SC"})
+    return result, write_results(result.to_result(), sources, {"SEG", "SR", "GSPS", "SC"})
 
 
-def test_every_object_passes_dciodvfy(written: tuple[AnalysisResult, list[WrittenObject]],
+def test_every_object_passes_dciodvfy(written: tuple[PancreasReport, list[WrittenObject]],
                                       tmp_path: Path) -> None:
     _, objs = written
     assert sorted({o.kind for o in objs}) == ["GSPS", "SC", "SEG", "SR"]
@@ -111,7 +113,7 @@ def test_every_object_passes_dciodvfy(written: tuple[AnalysisResult, list[Writte
 
 
 def test_all_objects_in_source_study_new_series(
-        written: tuple[AnalysisResult, list[WrittenObject]],
+        written: tuple[PancreasReport, list[WrittenObject]],
         sources: list[pydicom.Dataset]) -> None:
     _, objs = written
     for obj in objs:
@@ -122,7 +124,7 @@ def test_all_objects_in_source_study_new_series(
         assert "0.1.0-test" in ds.SoftwareVersions
 
 
-def test_seg_reads_back_to_same_masks(written: tuple[AnalysisResult, list[WrittenObject]],
+def test_seg_reads_back_to_same_masks(written: tuple[PancreasReport, list[WrittenObject]],
                                       sources: list[pydicom.Dataset], tmp_path: Path) -> None:
     result, objs = written
     (seg_ds,) = by_kind(objs, "SEG")
@@ -154,7 +156,7 @@ def test_seg_reads_back_to_same_masks(written: tuple[AnalysisResult, list[Writte
 def test_fractional_seg_carries_probabilities(sources: list[pydicom.Dataset],
                                               tmp_path: Path) -> None:
     result = make_result(sources)
-    (obj,) = write_results(result, sources, {"SEG"}, fractional=True)
+    (obj,) = write_results(result.to_result(), sources, {"SEG"}, fractional=True)
     assert dciodvfy(obj.dataset, tmp_path / "segf.dcm") == []
     seg = hd.seg.segread(tmp_path / "segf.dcm")
     assert seg.SegmentationType == "FRACTIONAL"
@@ -176,7 +178,7 @@ def _content_items(ds: pydicom.Dataset) -> list[pydicom.Dataset]:
     return out
 
 
-def test_sr_tid1500_reads_back(written: tuple[AnalysisResult, list[WrittenObject]],
+def test_sr_tid1500_reads_back(written: tuple[PancreasReport, list[WrittenObject]],
                                tmp_path: Path) -> None:
     result, objs = written
     (sr_ds,) = by_kind(objs, "SR")
@@ -232,13 +234,29 @@ def test_negative_study_still_gets_a_report(sources: list[pydicom.Dataset],
                                             tmp_path: Path) -> None:
     result = dataclasses.replace(make_result(sources), lesions=[], patient_score=0.07,
                                  classification=None, lesion_probability=None)
-    objs = write_results(result, sources, {"SEG", "SR", "GSPS", "SC"})
+    objs = write_results(result.to_result(), sources, {"SEG", "SR", "GSPS", "SC"})
     assert sorted(o.kind for o in objs) == ["SEG", "SR"]  # nothing to outline
     (sr_ds,) = by_kind(objs, "SR")
     assert dciodvfy(sr_ds, tmp_path / "neg.dcm") == []
     texts = [i.TextValue for i in _content_items(sr_ds) if i.ValueType == "TEXT"
              and i.ConceptNameCodeSequence[0].CodeValue == "121073"]  # Impression
     assert texts == ["No suspicious pancreatic lesion found (PDAC probability 0.07)"]
+
+
+def test_not_assessable_result_says_so_in_the_sr(sources: list[pydicom.Dataset],
+                                                 tmp_path: Path) -> None:
+    """A generic result that scored nothing: the SR alone, with the reason as its impression."""
+    result = AnalysisResult(
+        pipeline="any", algorithm=AlgorithmInfo("ainode any", "1"),
+        source_sop_instance_uids=[str(d.SOPInstanceUID) for d in sources],
+        status="not_assessable", reason="the series does not cover the abdomen",
+    )
+    objs = write_results(result, sources, {"SEG", "SR", "GSPS", "SC"})
+    assert [o.kind for o in objs] == ["SR"]
+    assert dciodvfy(objs[0].dataset, tmp_path / "na.dcm") == []
+    texts = [i.TextValue for i in _content_items(objs[0].dataset) if i.ValueType == "TEXT"
+             and i.ConceptNameCodeSequence[0].CodeValue == "121073"]
+    assert texts == ["Not assessable: the series does not cover the abdomen"]
 
 
 def _raster(polylines: Sequence[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
@@ -252,7 +270,7 @@ def _raster(polylines: Sequence[np.ndarray], shape: tuple[int, int]) -> np.ndarr
     return out
 
 
-def test_gsps_outlines_match_lesion_masks(written: tuple[AnalysisResult, list[WrittenObject]],
+def test_gsps_outlines_match_lesion_masks(written: tuple[PancreasReport, list[WrittenObject]],
                                           sources: list[pydicom.Dataset]) -> None:
     result, objs = written
     (pr,) = by_kind(objs, "GSPS")
@@ -276,7 +294,7 @@ def test_gsps_outlines_match_lesion_masks(written: tuple[AnalysisResult, list[Wr
     assert seen == {*LESION1_SLICES, LESION2_SLICE}
 
 
-def test_sc_burns_outline_and_legend(written: tuple[AnalysisResult, list[WrittenObject]],
+def test_sc_burns_outline_and_legend(written: tuple[PancreasReport, list[WrittenObject]],
                                      sources: list[pydicom.Dataset], tmp_path: Path) -> None:
     result, objs = written
     scs = by_kind(objs, "SC")
@@ -292,7 +310,7 @@ def test_sc_burns_outline_and_legend(written: tuple[AnalysisResult, list[Written
         path = tmp_path / f"sc{z}.dcm"
         sc.save_as(path, enforce_file_format=True)
         px = pydicom.dcmread(path).pixel_array
-        red = np.all(px == LESION_RGB, axis=-1)
+        red = np.all(px == FINDING_RGB, axis=-1)
         mask = np.zeros(red.shape, bool)
         for les in result.lesions:
             mask |= les.mask[z]
@@ -308,13 +326,13 @@ def test_sc_burns_outline_and_legend(written: tuple[AnalysisResult, list[Written
 def test_sources_must_match_the_masks(sources: list[pydicom.Dataset]) -> None:
     result = make_result(sources)
     with pytest.raises(InputError, match="do not match"):
-        write_results(result, list(reversed(sources)), {"SEG"})
+        write_results(result.to_result(), list(reversed(sources)), {"SEG"})
     with pytest.raises(InputError, match="unknown result kinds"):
-        write_results(result, sources, {"PDF"})
+        write_results(result.to_result(), sources, {"PDF"})
 
 
 def test_segment_label_names_location_and_confidence(
-        written: tuple[AnalysisResult, list[WrittenObject]]) -> None:
+        written: tuple[PancreasReport, list[WrittenObject]]) -> None:
     _, objs = written
     (seg,) = by_kind(objs, "SEG")
     labels = [s.SegmentLabel for s in seg.SegmentSequence]

@@ -75,7 +75,7 @@ def test_bundle_imports_as_a_cpu_package(tmp_path: Path) -> None:
 
 
 def test_bundle_works_as_stage1_of_the_pipeline(tmp_path: Path) -> None:
-    from pipelines.pancreas.pipeline import PancreasPipeline
+    from pipelines.pancreas.model import PancreasPipeline
     from pipelines.phantom import PhantomSpec, generate, phantom_to_sitk
 
     src, _ = _bundle(tmp_path / "bundle")
@@ -85,7 +85,7 @@ def test_bundle_works_as_stage1_of_the_pipeline(tmp_path: Path) -> None:
     pipe = PancreasPipeline.from_packages("pancreas-ct", stage1, shipped / "pancreas-ct-stage2",
                                           device="cpu")
     img, _ = phantom_to_sitk(generate(PhantomSpec(seed=11, diagnosis="normal")))
-    res = pipe.run(img)  # an untrained bundle: whatever it finds, the result is well formed
+    res = pipe.report(img)  # an untrained bundle: whatever it finds, the result is well formed
     assert res.pipeline == "pancreas-ct"
     assert "tiny-bundle" in pipe.model_identity()
     assert len(res.algorithm.version) <= 64

@@ -43,7 +43,7 @@ def rendered_series(sqlite_db: Database, filestore: FileStore
     sources = sorted((pydicom.dcmread(f) for f in files),
                      key=lambda d: float(d.ImagePositionPatient[2]))
     result = make_result(sources)
-    (seg,) = write_results(result, sources, {"SEG"})
+    (seg,) = write_results(result.to_result(), sources, {"SEG"})
     with sqlite_db.session() as s:
         study = Study(study_instance_uid=str(sources[0].StudyInstanceUID))
         series = Series(series_instance_uid=str(sources[0].SeriesInstanceUID), study=study)

@@ -46,7 +46,7 @@ ALL = ["SEG", "SR", "GSPS", "SC"]
 def store_outputs(db: Database, fs: FileStore, sources: Sequence[pydicom.Dataset]
                   ) -> list[Output]:
     """What the job runner does after a pipeline run: write, save, record Output rows."""
-    objs = write_results(make_result(sources), sources, ALL)
+    objs = write_results(make_result(sources).to_result(), sources, ALL)
     with db.session() as s:
         study = Study(study_instance_uid=str(sources[0].StudyInstanceUID))
         series = Series(series_instance_uid=str(sources[0].SeriesInstanceUID), study=study)

@@ -14,8 +14,9 @@ from pydantic import ValidationError
 
 from node.cli.context import AppContext, get
 from node.cli.output import emit
-from node.config import DestinationConfig
+from node.config import DestinationConfig, default_accepts
 from node.send import echo as send_echo
+from pipelines.dicom_out import registry as writers
 from storage import destinations as dest_store
 from storage.audit import audit, os_actor
 from storage.errors import ConflictError, InputError, TransferError
@@ -39,15 +40,17 @@ def add(
     ae_title: Annotated[str, typer.Option("--ae-title", help="the peer's AE title")],
     host: Annotated[str, typer.Option("--host")],
     port: Annotated[int, typer.Option("--port")],
-    accepts: Annotated[str, typer.Option(
-        "--accepts", help="comma-separated kinds it takes: SEG,SR,GSPS,SC")] = "SEG,SR,GSPS",
+    accepts: Annotated[str | None, typer.Option(
+        "--accepts", help="comma-separated result kinds it takes, e.g. SEG,SR,GSPS,SC "
+                          "(default: the kinds written by default)")] = None,
     calling_ae_title: Annotated[str | None, typer.Option(
         "--calling-ae-title", help="AE title we present (default: dicom.ae_title)")] = None,
     tls: Annotated[bool, typer.Option("--tls", help="use TLS (dicom.tls files)")] = False,
 ) -> None:
     """Add a destination."""
     actx = get(ctx)
-    kinds = dest_store.validate_accepts(accepts.split(","))
+    wanted = accepts.split(",") if accepts is not None else default_accepts()
+    kinds = dest_store.validate_accepts(wanted, kinds=writers.kinds())
     try:
         cfg = DestinationConfig(name=name, ae_title=ae_title, host=host, port=port,
                                 accepts=kinds, calling_ae_title=calling_ae_title,  # type: ignore[arg-type]

@@ -7,9 +7,11 @@ at once instead of acknowledging an object nobody will read.
 
 The result objects that travel inside imaging studies (segmentations,
 structured measurement reports, presentation states: the node's own and other
-AI products') are accepted too. A PACS that forwards a whole study after the
-node has answered sends them back; refusing them would fail the PACS's whole
-transfer. They are stored, and routing rules on Modality leave them alone.
+AI products') are accepted too: every SOP class a registered writer kind may
+have (``pipelines.dicom_out.registry``), so a plug-in writer's objects come
+back as well. A PACS that forwards a whole study after the node has answered
+sends them back; refusing them would fail the PACS's whole transfer. They are
+stored, and routing rules on Modality leave them alone.
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ from pydicom import uid
 from pynetdicom import build_context
 from pynetdicom.presentation import PresentationContext
 
+from pipelines.dicom_out import registry as writers
+
 __all__ = [
     "IMAGE_STORAGE_SOP_CLASSES",
-    "RESULT_STORAGE_SOP_CLASSES",
     "TRANSFER_SYNTAXES",
     "prefer_requestor_order",
+    "result_storage_sop_classes",
     "supported_contexts",
     "syntax_table",
 ]
@@ -57,13 +61,13 @@ IMAGE_STORAGE_SOP_CLASSES: dict[str, str] = {
     "XRayRadiofluoroscopicImageStorage": "1.2.840.10008.5.1.4.1.1.12.2",
 }
 
-RESULT_STORAGE_SOP_CLASSES: dict[str, str] = {
-    "SegmentationStorage": "1.2.840.10008.5.1.4.1.1.66.4",
-    "Comprehensive3DSRStorage": "1.2.840.10008.5.1.4.1.1.88.34",
-    "ComprehensiveSRStorage": "1.2.840.10008.5.1.4.1.1.88.33",
-    "EnhancedSRStorage": "1.2.840.10008.5.1.4.1.1.88.22",
-    "GrayscaleSoftcopyPresentationStateStorage": "1.2.840.10008.5.1.4.1.1.11.1",
-}
+
+
+def result_storage_sop_classes() -> tuple[str, ...]:
+    """The writer kinds' SOP classes that are not image storage classes already."""
+    images = set(IMAGE_STORAGE_SOP_CLASSES.values())
+    return tuple(c for c in writers.result_sop_classes() if c not in images)
+
 
 # Stored as received, never transcoded: the node accepts what scanners send.
 TRANSFER_SYNTAXES: tuple[str, ...] = (
@@ -91,7 +95,7 @@ def supported_contexts() -> list[PresentationContext]:
                                              uid.ImplicitVRLittleEndian])]
     contexts += [build_context(sop, list(TRANSFER_SYNTAXES))
                  for sop in (*IMAGE_STORAGE_SOP_CLASSES.values(),
-                             *RESULT_STORAGE_SOP_CLASSES.values())]
+                             *result_storage_sop_classes())]
     return contexts
 
 

@@ -1,9 +1,12 @@
-"""Results as DICOM: SEG, TID 1500 SR, GSPS outlines and Secondary Capture, via highdicom.
+"""Results as DICOM: SEG, TID 1500 SR, GSPS outlines, Secondary Capture, and plug-in kinds.
 
 The caller saves each WrittenObject with ``FileStore.write_result`` and records
 an Output row; ``node.send`` then sends each kind to the destinations that
 accept it. Every object lands in the source study, in a new series whose
-description names the product and the model version.
+description names the product and the model version. Which kinds exist, in
+which order they are written and which series number each gets comes from
+``pipelines.dicom_out.registry``; this package stays light to import (the
+writers' highdicom is imported when one writes).
 """
 
 from __future__ import annotations
@@ -11,29 +14,24 @@ from __future__ import annotations
 import logging
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import TYPE_CHECKING
 
-import pydicom
+from pipelines.dicom_out import registry
+from storage.errors import InputError, PipelineError
 
-from pipelines.dicom_out.common import check_sources, fill_tracking_uids
-from pipelines.dicom_out.gsps import write_gsps
-from pipelines.dicom_out.sc import write_sc
-from pipelines.dicom_out.seg import write_seg
-from pipelines.dicom_out.sr import write_sr
-from pipelines.results import AnalysisResult
-from storage.errors import InputError
+if TYPE_CHECKING:  # pydicom too waits until one writes: the config imports this package
+    import pydicom
 
-__all__ = ["KINDS", "Kind", "WrittenObject", "write_results"]
+    from pipelines.results import AnalysisResult
+
+__all__ = ["WrittenObject", "write_results"]
 
 log = logging.getLogger(__name__)
-
-Kind = Literal["SEG", "SR", "GSPS", "SC"]
-KINDS: tuple[Kind, ...] = ("SEG", "SR", "GSPS", "SC")
 
 
 @dataclass(frozen=True)
 class WrittenObject:
-    kind: Kind
+    kind: str
     dataset: pydicom.Dataset
 
 
@@ -48,33 +46,36 @@ def write_results(
     """Write the requested kinds for one analysis; kinds with nothing to show are skipped.
 
     ``sources`` are the source instances in mask axis-0 order (SC needs their
-    pixel data). A negative study yields an SR (it says nothing was found, with
-    the score) and, when the pancreas was segmented, a SEG; no GSPS or SC.
+    pixel data). A result with no finding region yields an SR (it says what
+    was found, or why nothing could be assessed) and, when there is a context
+    segment, a SEG; no GSPS or SC.
     """
-    unknown = set(kinds) - set(KINDS)
+    import pydicom
+
+    from pipelines.dicom_out.common import check_sources, fill_tracking_uids
+
+    known = registry.kinds()
+    unknown = set(kinds) - set(known)
     if unknown:
-        raise InputError(f"unknown result kinds {sorted(unknown)}; known: {', '.join(KINDS)}")
+        raise InputError(f"unknown result kinds {sorted(unknown)}; known: {', '.join(known)}")
     check_sources(result, sources)
     result = fill_tracking_uids(result)
     out: list[WrittenObject] = []
-    seg = None
-    if "SEG" in kinds:
-        seg = write_seg(result, sources, fractional=fractional,
-                        series_number=series_number_base)
-        if seg is not None:
-            out.append(WrittenObject("SEG", seg))
-    if "SR" in kinds:
-        sr = write_sr(result, sources, seg=seg, series_number=series_number_base + 1)
-        out.append(WrittenObject("SR", sr))
-    if "GSPS" in kinds:
-        pr = write_gsps(result, sources, series_number=series_number_base + 2)
-        if pr is not None:
-            out.append(WrittenObject("GSPS", pr))
-    if "SC" in kinds:
-        out.extend(WrittenObject("SC", ds) for ds in
-                   write_sc(result, sources, series_number=series_number_base + 3))
+    written: dict[str, list[pydicom.Dataset]] = {}
+    for spec in registry.specs():
+        if spec.kind not in kinds:
+            continue
+        ctx = registry.WriterContext(result, sources, series_number_base + spec.series_offset,
+                                     {"fractional": fractional}, dict(written))
+        got = spec.write(ctx)
+        objs = [] if got is None else [got] if isinstance(got, pydicom.Dataset) else list(got)
+        bad = [type(o).__name__ for o in objs if not isinstance(o, pydicom.Dataset)]
+        if bad:
+            raise PipelineError(f"write-{spec.kind.lower()}",
+                                f"writer {spec.origin} returned {', '.join(bad)}, not datasets")
+        written[spec.kind] = objs
+        out.extend(WrittenObject(spec.kind, ds) for ds in objs)
     log.info("wrote result objects", extra={
-        "pipeline": result.pipeline,
-        "kinds": ",".join(cast(str, w.kind) for w in out),
+        "pipeline": result.pipeline, "kinds": ",".join(w.kind for w in out),
     })
     return out

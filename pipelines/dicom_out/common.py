@@ -73,38 +73,38 @@ def stamp(ds: pydicom.Dataset, algorithm: AlgorithmInfo, kind: str,
 
 @dataclass(frozen=True, slots=True)
 class SegmentPlan:
-    """Segment number -> what it is; the SEG writes it and the SR refers to it."""
+    """Segment key -> SEG segment number; the SEG writes it and the SR refers to it."""
 
-    pancreas: int | None  # segment number of the pancreas, if written
-    lesions: dict[int, int]  # lesion index -> segment number
+    numbers: dict[str, int]
+
+    def __bool__(self) -> bool:
+        return bool(self.numbers)
 
 
 def plan_segments(result: AnalysisResult) -> SegmentPlan:
-    """Pancreas first (when found and non-empty), then each non-empty lesion in order."""
-    number = 1
-    pancreas = None
-    if result.pancreas_mask is not None and result.pancreas_mask.any():
-        pancreas = number
-        number += 1
-    lesions: dict[int, int] = {}
-    for les in result.lesions:
-        if les.mask.any():
-            lesions[les.index] = number
-            number += 1
-    return SegmentPlan(pancreas, lesions)
+    """Each non-empty segment in the result's order, numbered from 1 (empty ones get none)."""
+    keys = [s.key for s in result.segments if s.mask.any()]
+    return SegmentPlan({key: n for n, key in enumerate(keys, start=1)})
 
 
 def fill_tracking_uids(result: AnalysisResult) -> AnalysisResult:
-    """A copy whose lesions all carry a tracking UID.
+    """A copy whose segments and findings all carry a tracking UID.
 
-    The SEG segment and the SR measurement group of one lesion must share
-    its tracking UID, so it is minted once, before any writer runs.
+    The SEG segment and the SR group of one finding must share its tracking
+    UID, so it is minted once, before any writer runs (one a finding brings
+    serves its segment too); any other finding gets its own.
     """
-    if all(les.tracking_uid for les in result.lesions):
+    if all(s.tracking_uid for s in result.segments) and \
+            all(f.tracking_uid for f in result.findings):
         return result
-    lesions = [les if les.tracking_uid else replace(les, tracking_uid=str(UID()))
-               for les in result.lesions]
-    return replace(result, lesions=lesions)
+    given = {f.segment: f.tracking_uid for f in result.findings if f.segment and f.tracking_uid}
+    segments = [s if s.tracking_uid else replace(s, tracking_uid=given.get(s.key) or str(UID()))
+                for s in result.segments]
+    by_key = {s.key: s.tracking_uid for s in segments}
+    findings = [f if f.tracking_uid else replace(
+        f, tracking_uid=by_key.get(f.segment or "", "") or str(UID()))
+        for f in result.findings]
+    return replace(result, segments=segments, findings=findings)
 
 
 def check_sources(result: AnalysisResult, sources: Sequence[pydicom.Dataset]) -> None:
@@ -117,6 +117,10 @@ def check_sources(result: AnalysisResult, sources: Sequence[pydicom.Dataset]) ->
             "or a different order)"
         )
     shape = result.shape
+    odd = [s.key for s in result.segments if s.mask.shape != shape
+           or (s.probability is not None and s.probability.shape != shape)]
+    if odd:
+        raise InputError(f"segments {', '.join(odd)} do not lie on the grid {shape} of the first")
     if shape is not None and shape[0] != len(uids):
         raise InputError(f"masks have {shape[0]} slices but {len(uids)} sources were given")
     if shape is not None:

@@ -1,4 +1,4 @@
-"""Grayscale Softcopy Presentation State outlining each lesion on the source images.
+"""Grayscale Softcopy Presentation State outlining each finding region on the source images.
 
 Why GSPS as well as SEG: many PACS viewers do not display SEG but every one
 applies a presentation state, so the outline reaches the radiologist either
@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import highdicom as hd
 import numpy as np
+import numpy.typing as npt
 import pydicom
 from highdicom.pr import (
     AnnotationUnitsValues,
@@ -34,8 +35,16 @@ from storage.errors import PipelineError
 
 __all__ = ["write_gsps"]
 
-_LESION_COLOUR = hd.color.CIELabColor(53.2, 80.1, 67.2)  # red
-_PANCREAS_COLOUR = hd.color.CIELabColor(87.7, -86.2, 83.2)  # green
+_FINDING_COLOUR = hd.color.CIELabColor(53.2, 80.1, 67.2)  # red
+_CONTEXT_COLOUR = hd.color.CIELabColor(87.7, -86.2, 83.2)  # green
+
+
+def _anchor(outlines: list[npt.NDArray[np.float32]], src: pydicom.Dataset) -> tuple[float, float]:
+    """Just above the topmost outline, kept inside the image."""
+    top = min(outlines, key=lambda p: float(p[:, 1].min()))
+    col = float(np.clip(top[:, 0].mean(), 1, float(src.Columns) - 1))
+    row = float(np.clip(top[:, 1].min() - 6, 1, float(src.Rows) - 1))
+    return col, row
 
 
 def write_gsps(
@@ -43,58 +52,62 @@ def write_gsps(
     sources: Sequence[pydicom.Dataset],
     *,
     series_number: int = 9002,
-    include_pancreas: bool = False,
+    include_context: bool = False,
 ) -> pydicom.Dataset | None:
-    """The presentation state; None when no lesion (and no pancreas asked for) is drawn."""
+    """The presentation state; None when no finding region (and no context asked for) is drawn.
+
+    Finding regions (segments a finding refers to) are outlined with the
+    finding's caption beside them; ``include_context`` adds the other
+    segments (anatomy) on a layer of their own.
+    """
     result = fill_tracking_uids(result)
-    lesion_layer = GraphicLayer("LESIONS", order=1, description="AI lesion outlines",
-                                display_color=_LESION_COLOUR)
-    pancreas_layer = GraphicLayer("PANCREAS", order=2, description="AI pancreas outline",
-                                  display_color=_PANCREAS_COLOUR)
+    finding_layer = GraphicLayer("LESIONS", order=1, description="AI lesion outlines",
+                                 display_color=_FINDING_COLOUR)
+    context_layer = GraphicLayer("ANATOMY", order=2, description="AI anatomy outlines",
+                                 display_color=_CONTEXT_COLOUR)
+    regions = [(seg, result.findings_on(seg.key)) for seg in result.finding_segments()]
+    context = result.context_segments() if include_context else []
     annotations: list[GraphicAnnotation] = []
-    used_pancreas = False
+    used_context = False
     for z, src in enumerate(sources):
         objects: list[GraphicObject] = []
         texts: list[TextObject] = []
-        for les in result.lesions:
-            if not les.mask[z].any():
+        for seg, findings in regions:
+            if not seg.mask[z].any():
                 continue
-            outlines = contours(les.mask[z])
+            outlines = contours(seg.mask[z])
             for pts in outlines:
                 objects.append(GraphicObject(
                     graphic_type=GraphicTypeValues.POLYLINE, graphic_data=pts,
                     units=AnnotationUnitsValues.PIXEL,
-                    tracking_id=f"lesion-{les.index}", tracking_uid=les.tracking_uid,
+                    tracking_id=seg.key, tracking_uid=seg.tracking_uid,
                 ))
-            top = min(outlines, key=lambda p: float(p[:, 1].min()))
-            col = float(np.clip(top[:, 0].mean(), 1, float(src.Columns) - 1))
-            row = float(np.clip(top[:, 1].min() - 6, 1, float(src.Rows) - 1))
-            texts.append(TextObject(
-                text_value=f"L{les.index} p={les.confidence:.2f}",
-                units=AnnotationUnitsValues.PIXEL, anchor_point=(col, row),
-                anchor_point_visible=False,
-            ))
+            texts += [TextObject(text_value=f.caption_text()[:64],
+                                 units=AnnotationUnitsValues.PIXEL,
+                                 anchor_point=_anchor(outlines, src),
+                                 anchor_point_visible=False) for f in findings[:1]]
         if objects:
             annotations.append(GraphicAnnotation(
-                referenced_images=[src], graphic_layer=lesion_layer,
+                referenced_images=[src], graphic_layer=finding_layer,
                 graphic_objects=objects, text_objects=texts,
             ))
-        if include_pancreas and result.pancreas_mask is not None and result.pancreas_mask[z].any():
-            used_pancreas = True
+        drawn = [pts for seg in context if seg.mask[z].any() for pts in contours(seg.mask[z])]
+        if drawn:
+            used_context = True
             annotations.append(GraphicAnnotation(
-                referenced_images=[src], graphic_layer=pancreas_layer,
+                referenced_images=[src], graphic_layer=context_layer,
                 graphic_objects=[
                     GraphicObject(graphic_type=GraphicTypeValues.POLYLINE, graphic_data=pts,
                                   units=AnnotationUnitsValues.PIXEL)
-                    for pts in contours(result.pancreas_mask[z])
+                    for pts in drawn
                 ],
             ))
     if not annotations:
         return None
     alg = result.algorithm
-    layers = [lesion_layer] + ([pancreas_layer] if used_pancreas else [])
+    layers = [finding_layer] + ([context_layer] if used_context else [])
     if not any(a.GraphicLayer == "LESIONS" for a in annotations):
-        layers = [pancreas_layer]
+        layers = [context_layer]
     try:
         pr = GrayscaleSoftcopyPresentationState(
             referenced_images=list(sources),

@@ -18,13 +18,14 @@ import numpy as np
 import numpy.typing as npt
 import pydicom
 from PIL import Image, ImageDraw, ImageFont
+from pydicom.sr.codedict import codes
 
 from pipelines.dicom_out.common import edge_mask, to_display
 from storage.errors import InputError
 
 __all__ = [
-    "LESION_RGB",
-    "PANCREAS_RGB",
+    "CONTEXT_RGB",
+    "FINDING_RGB",
     "Layer",
     "compose",
     "masks_from_seg",
@@ -33,8 +34,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-LESION_RGB: tuple[int, int, int] = (255, 0, 0)
-PANCREAS_RGB: tuple[int, int, int] = (0, 255, 0)
+FINDING_RGB: tuple[int, int, int] = (255, 0, 0)  # a region a finding was measured on
+CONTEXT_RGB: tuple[int, int, int] = (0, 255, 0)  # anatomy shown for orientation
+_ANATOMY = codes.SCT.AnatomicalStructure.value
 _LEGEND_BG = (0, 0, 0)
 _LEGEND_FG = (255, 255, 0)
 
@@ -52,7 +54,7 @@ def compose(gray: npt.NDArray[np.uint8], outlines: Sequence[tuple[npt.NDArray[np
             tuple[int, int, int]]], legend: Sequence[str]) -> Image.Image:
     """An RGB image: ``gray`` with each mask's boundary pixels painted, legend at the bottom.
 
-    Later outlines win where two touch (lesions are passed after the pancreas).
+    Later outlines win where two touch (findings are passed after the context).
     """
     rgb = np.repeat(gray[:, :, None], 3, axis=2)
     for mask, colour in outlines:
@@ -72,7 +74,12 @@ def compose(gray: npt.NDArray[np.uint8], outlines: Sequence[tuple[npt.NDArray[np
 
 
 def masks_from_seg(seg_ds: pydicom.Dataset, source_uids: Sequence[str]) -> list[Layer]:
-    """Each SEG segment as a mask on the given source slices (slices it skips stay empty)."""
+    """Each SEG segment as a mask on the given source slices (slices it skips stay empty).
+
+    An anatomical structure (property category SCT 91723000) is drawn as
+    context, anything else as a finding: the SEG does not say which segments
+    a finding was measured on, and the node's own SEGs code them that way.
+    """
     seg = hd.seg.Segmentation.from_dataset(seg_ds, copy=False)
     referenced = {uid for _, _, uid in seg.get_source_image_uids()}
     present = [u for u in source_uids if u in referenced]
@@ -91,8 +98,8 @@ def masks_from_seg(seg_ds: pydicom.Dataset, source_uids: Sequence[str]) -> list[
             full[index[uid]] = arr[j, :, :, k] > 0
         desc = seg.get_segment_description(number)
         label = str(desc.segment_label)
-        is_pancreas = str(desc.segmented_property_type.value) == "15776009"
-        layers.append(Layer(label, full, PANCREAS_RGB if is_pancreas else LESION_RGB))
+        anatomy = str(desc.segmented_property_category.value) == _ANATOMY
+        layers.append(Layer(label, full, CONTEXT_RGB if anatomy else FINDING_RGB))
     return layers
 
 

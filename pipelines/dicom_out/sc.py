@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
 from pipelines.dicom_out.common import stamp, to_display
-from pipelines.dicom_out.render import LESION_RGB, PANCREAS_RGB, compose
+from pipelines.dicom_out.render import CONTEXT_RGB, FINDING_RGB, compose
 from pipelines.results import AnalysisResult
 from storage.errors import PipelineError
 
@@ -43,13 +43,13 @@ def _orientation(ds: pydicom.Dataset) -> tuple[str, str]:
 
 
 def _legend(result: AnalysisResult, z: int) -> list[str]:
+    """Product lines, then each finding region on this slice, then the series-level findings."""
     alg = result.algorithm
     lines = [NOT_FOR_DIAGNOSIS, f"{alg.name} {alg.version}"]
-    for les in result.lesions:
-        if les.mask[z].any():
-            where = les.location or "pancreas region"
-            lines.append(f"L{les.index}: {where}, {les.diameter_mm:.0f} mm, p={les.confidence:.2f}")
-    lines.append(f"PDAC probability {result.patient_score:.2f}")
+    for seg in result.finding_segments():
+        if seg.mask[z].any():
+            lines += [f.legend_text() for f in result.findings_on(seg.key)]
+    lines += [f.legend_text() for f in result.findings if f.segment is None]
     return lines
 
 
@@ -59,8 +59,10 @@ def write_sc(
     *,
     series_number: int = 9003,
 ) -> list[pydicom.Dataset]:
-    """One SC image per source slice that holds a lesion, all in one new series."""
-    slices = [z for z in range(len(sources)) if any(les.mask[z].any() for les in result.lesions)]
+    """One SC image per source slice that holds a finding region, all in one new series."""
+    regions = result.finding_segments()
+    context = result.context_segments()
+    slices = [z for z in range(len(sources)) if any(s.mask[z].any() for s in regions)]
     if not slices:
         return []
     alg = result.algorithm
@@ -69,10 +71,9 @@ def write_sc(
     out: list[pydicom.Dataset] = []
     for n, z in enumerate(slices, start=1):
         src = sources[z]
-        outlines = []
-        if result.pancreas_mask is not None and result.pancreas_mask[z].any():
-            outlines.append((result.pancreas_mask[z], PANCREAS_RGB))
-        outlines += [(les.mask[z], LESION_RGB) for les in result.lesions if les.mask[z].any()]
+        # Regions after the context: where two outlines touch, the finding's wins.
+        outlines = [(s.mask[z], CONTEXT_RGB) for s in context if s.mask[z].any()]
+        outlines += [(s.mask[z], FINDING_RGB) for s in regions if s.mask[z].any()]
         img = compose(to_display(src), outlines, _legend(result, z))
         spacing = src.get("PixelSpacing")
         try:

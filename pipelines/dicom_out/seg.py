@@ -1,9 +1,10 @@
-"""DICOM Segmentation of the pancreas and each lesion, written with highdicom.
+"""DICOM Segmentation of every segment of a result (anatomy and findings), via highdicom.
 
 Why only the slices that hold a segment are handed to highdicom: the SEG
 refers to source instances frame by frame anyway (empty frames are omitted),
 and a 300-slice series with a 2 cm lesion would otherwise build and scan a
-full (slices, rows, cols, segments) array for a few dozen frames.
+full (slices, rows, cols, segments) array for a few dozen frames. What each
+segment is (its codes and label) comes with the result, from the pipeline.
 """
 
 from __future__ import annotations
@@ -45,64 +46,45 @@ def segment_algorithm(result: AnalysisResult) -> hd.AlgorithmIdentificationSeque
 def _descriptions(result: AnalysisResult, plan: SegmentPlan) -> list[hd.seg.SegmentDescription]:
     algorithm = segment_algorithm(result)
     out = []
-    if plan.pancreas is not None:
-        out.append(hd.seg.SegmentDescription(
-            segment_number=plan.pancreas,
-            segment_label="Pancreas",
-            segmented_property_category=codes.ANATOMICAL_STRUCTURE,
-            segmented_property_type=codes.PANCREAS,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algorithm,
-            tracking_uid=hd.UID(),
-            tracking_id="pancreas",
-        ))
-    for les in result.lesions:
-        number = plan.lesions.get(les.index)
+    for seg in result.segments:
+        number = plan.numbers.get(seg.key)
         if number is None:
             continue
-        where = f" ({les.location})" if les.location else ""
         out.append(hd.seg.SegmentDescription(
             segment_number=number,
-            segment_label=f"Lesion {les.index}{where} p={les.confidence:.2f}"[:64],
-            segmented_property_category=codes.MORPHOLOGICALLY_ABNORMAL,
-            segmented_property_type=codes.NEOPLASM,
+            segment_label=seg.label[:64],
+            segmented_property_category=codes.concept(seg.category),
+            segmented_property_type=codes.concept(seg.type),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
-            tracking_uid=les.tracking_uid,
-            tracking_id=f"lesion-{les.index}",
-            anatomic_regions=[codes.location_concept(les.location)],
+            tracking_uid=seg.tracking_uid or hd.UID(),
+            tracking_id=seg.key,
+            anatomic_regions=None if seg.anatomic_region is None
+            else [codes.concept(seg.anatomic_region)],
         ))
     return out
-
-
-def _layers(result: AnalysisResult, plan: SegmentPlan) -> list[npt.NDArray[np.bool_]]:
-    masks = []
-    if plan.pancreas is not None and result.pancreas_mask is not None:
-        masks.append(result.pancreas_mask)
-    masks += [les.mask for les in result.lesions if les.index in plan.lesions]
-    return masks
 
 
 def _stack(result: AnalysisResult, plan: SegmentPlan, fractional: bool
            ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.generic]]:
     """Slices that hold any segment, and (those slices, rows, cols, segments).
 
-    BINARY is bool; FRACTIONAL is float32 0..1. Each lesion's fractional
-    segment carries the probability map inside its own mask, so segment
-    numbers mean the same in BINARY and FRACTIONAL.
+    BINARY is bool; FRACTIONAL is float32 0..1. A segment with a probability
+    map carries it inside its own mask, so segment numbers mean the same in
+    BINARY and FRACTIONAL; one without is 1 inside its mask.
     """
-    masks = _layers(result, plan)
+    segments = [s for s in result.segments if s.key in plan.numbers]
+    masks = [s.mask for s in segments]
     occupied = np.zeros(masks[0].shape[0], dtype=bool)
     for m in masks:
         occupied |= m.reshape(m.shape[0], -1).any(axis=1)
     used = np.flatnonzero(occupied)
     dtype = np.float32 if fractional else np.bool_
     out = np.zeros((len(used), *masks[0].shape[1:], len(masks)), dtype=dtype)
-    n_pancreas = 1 if plan.pancreas is not None else 0
-    for k, m in enumerate(masks):
-        crop = m[used]
-        if fractional and k >= n_pancreas and result.lesion_probability is not None:
-            out[..., k] = np.where(crop, result.lesion_probability[used], 0)
+    for k, seg in enumerate(segments):
+        crop = seg.mask[used]
+        if fractional and seg.probability is not None:
+            out[..., k] = np.where(crop, seg.probability[used], 0)
         else:
             out[..., k] = crop
     return used, out
@@ -115,10 +97,10 @@ def write_seg(
     fractional: bool = False,
     series_number: int = 9000,
 ) -> pydicom.Dataset | None:
-    """The SEG for ``result``; None when there is nothing to segment (no pancreas, no lesion)."""
+    """The SEG for ``result``; None when there is nothing to segment (no non-empty segment)."""
     result = fill_tracking_uids(result)
     plan = plan_segments(result)
-    if plan.pancreas is None and not plan.lesions:
+    if not plan:
         log.info("no segment to write", extra={"pipeline": result.pipeline})
         return None
     used, pixels = _stack(result, plan, fractional)

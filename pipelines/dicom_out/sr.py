@@ -1,11 +1,13 @@
 """TID 1500 measurement report (Comprehensive 3D SR): the findings in words and numbers.
 
-Why TID 1500 with one group per lesion referencing its SEG segment: a viewer
-or a registry can then show "lesion 1: 23 mm, p=0.92" and jump to the voxels
-it was measured on. The patient-level group carries the PDAC probability
-(and the tumour-type probabilities when the classifier ran) plus the one-line
-impression, so a negative study still says, in a report, what was looked for
-and what score it got.
+Why TID 1500 with one group per finding, referencing its SEG segment when it
+has one: a viewer or a registry can then show "lesion 1: 23 mm, p=0.92" and
+jump to the voxels it was measured on. Each group carries the finding's size
+(long axis, volume), its score (its concept and probability), its further
+measurements and its sentence. The series-level group (the first finding measured on no
+segment; one is made when there is none) also carries the one-line
+impression, so a negative or not-assessable study still says, in a report,
+what was looked for and what came of it.
 """
 
 from __future__ import annotations
@@ -37,16 +39,20 @@ from pipelines.dicom_out.common import (
     product_name,
     stamp,
 )
-from pipelines.results import AnalysisResult, Lesion
+from pipelines.results import (
+    LONG_AXIS,
+    MILLILITER,
+    MILLIMETER,
+    NO_UNITS,
+    VOLUME,
+    AnalysisResult,
+    ScoredFinding,
+)
 from storage.errors import PipelineError
 
-__all__ = ["lesion_text", "write_sr"]
+__all__ = ["write_sr"]
 
-
-def lesion_text(les: Lesion) -> str:
-    where = f"pancreatic {les.location}" if les.location else "the pancreas region"
-    return (f"Suspicious lesion in {where}, {les.diameter_mm:.0f} mm, "
-            f"probability {les.confidence:.2f}")
+SERIES_LEVEL = "patient-level"  # tracking identifier of a group made for the impression
 
 
 def _text(value: str) -> TextContentItem:
@@ -56,26 +62,50 @@ def _text(value: str) -> TextContentItem:
     )
 
 
-def _lesion_measurements(les: Lesion, alg: AlgorithmIdentification, site: FindingSite
-                         ) -> list[Measurement]:
-    out = [
-        Measurement(name=codes.LONG_AXIS, value=float(les.diameter_mm), unit=codes.MILLIMETER,
-                    algorithm_id=alg, finding_sites=[site]),
-        Measurement(name=codes.VOLUME, value=float(les.volume_ml), unit=codes.MILLILITER,
-                    algorithm_id=alg, finding_sites=[site]),
-        Measurement(name=codes.LESION_CONFIDENCE, value=float(les.confidence),
-                    unit=codes.NO_UNITS, algorithm_id=alg, finding_sites=[site]),
-    ]
-    if les.mean_hu is not None:
-        out.append(Measurement(name=codes.ATTENUATION_MEAN, value=float(les.mean_hu),
-                               unit=codes.HOUNSFIELD_UNIT, algorithm_id=alg,
-                               finding_sites=[site]))
-    for tumour, p in (les.type_probabilities or {}).items():
-        if tumour in codes.TUMOUR_TYPE_CONCEPTS:
-            out.append(Measurement(name=codes.TUMOUR_TYPE_CONCEPTS[tumour], value=float(p),
-                                   unit=codes.NO_UNITS, algorithm_id=alg,
-                                   finding_sites=[site]))
-    return out
+def _measurements(f: ScoredFinding, alg: AlgorithmIdentification,
+                  sites: list[FindingSite] | None) -> list[Measurement]:
+    """The size (long axis, volume), the score, then the finding's own measurements."""
+    items = []
+    if f.size_mm is not None:
+        items.append((LONG_AXIS, float(f.size_mm), MILLIMETER))
+    if f.volume_ml is not None:
+        items.append((VOLUME, float(f.volume_ml), MILLILITER))
+    items.append((f.concept, float(f.probability), NO_UNITS))
+    items += [(m.concept, float(m.value), m.unit) for m in f.measurements]
+    return [Measurement(name=codes.concept(name), value=value, unit=codes.concept(unit),
+                        algorithm_id=alg, finding_sites=sites)
+            for name, value, unit in items]
+
+
+def _group(f: ScoredFinding, alg: AlgorithmIdentification, seg: pydicom.Dataset | None,
+           number: int | None) -> object:
+    """A TID 1411 volumetric group when its segment was written, else a TID 1501 group.
+
+    Without a SEG (a destination that takes SR only) a finding's group has no
+    image reference, rather than pointing at an object the PACS will never get.
+    """
+    sites = [FindingSite(codes.concept(f.site))] if f.site is not None else None
+    tracking = TrackingIdentifier(uid=f.tracking_uid or hd.UID(), identifier=f.key)
+    finding_type = codes.concept(f.finding_type) if f.finding_type is not None else None
+    # The series-level score names its site on the group only, as TID 1501 has it.
+    m_sites = sites if f.segment is not None else None
+    measurements = _measurements(f, alg, m_sites)
+    if seg is not None and number is not None:
+        return VolumetricROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking,
+            referenced_segment=ReferencedSegment.from_segmentation(seg, number),
+            finding_type=finding_type,
+            algorithm_id=alg,
+            finding_sites=sites,
+            measurements=measurements,
+        )
+    return MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        finding_type=finding_type,
+        algorithm_id=alg,
+        finding_sites=sites,
+        measurements=measurements,
+    )
 
 
 def write_sr(
@@ -85,12 +115,7 @@ def write_sr(
     seg: pydicom.Dataset | None = None,
     series_number: int = 9001,
 ) -> pydicom.Dataset:
-    """The measurement report; each lesion refers to its segment in ``seg`` when given.
-
-    Without a SEG (a destination that takes SR only) lesion groups are TID 1501
-    groups without an image reference, rather than pointing at an object the
-    PACS will never receive.
-    """
+    """The measurement report; each finding refers to its segment in ``seg`` when given."""
     result = fill_tracking_uids(result)
     algo = result.algorithm
     alg = AlgorithmIdentification(name=algo.name, version=algo.version,
@@ -100,46 +125,21 @@ def write_sr(
     modality = str(sources[0].get("Modality", "CT"))
     procedure = codes.PROCEDURE_MR if modality == "MR" else codes.PROCEDURE_CT
 
-    patient = MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(uid=hd.UID(), identifier="patient-level"),
-        algorithm_id=alg,
-        finding_sites=[FindingSite(codes.PANCREAS)],
-        measurements=[
-            Measurement(name=codes.PDAC_PROBABILITY, value=float(result.patient_score),
-                        unit=codes.NO_UNITS, algorithm_id=alg),
-            *[Measurement(name=codes.TUMOUR_TYPE_CONCEPTS[k], value=float(v),
-                          unit=codes.NO_UNITS, algorithm_id=alg)
-              for k, v in (result.classification or {}).items()
-              if k in codes.TUMOUR_TYPE_CONCEPTS],
-        ],
-    )
-    patient[0].ContentSequence.append(_text(result.summary()))
-    groups: list[object] = [patient]
-
-    for les in result.lesions:
-        site = FindingSite(codes.location_concept(les.location))
-        tracking = TrackingIdentifier(uid=les.tracking_uid, identifier=f"lesion-{les.index}")
-        measurements = _lesion_measurements(les, alg, site)
-        number = plan.lesions.get(les.index)
-        group: object
-        if seg is not None and number is not None:
-            group = VolumetricROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=tracking,
-                referenced_segment=ReferencedSegment.from_segmentation(seg, number),
-                finding_type=codes.FINDING_TYPE_NEOPLASM,
-                algorithm_id=alg,
-                finding_sites=[site],
-                measurements=measurements,
-            )
-        else:
-            group = MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=tracking,
-                finding_type=codes.FINDING_TYPE_NEOPLASM,
-                algorithm_id=alg,
-                finding_sites=[site],
-                measurements=measurements,
-            )
-        group[0].ContentSequence.append(_text(lesion_text(les)))  # type: ignore[index]
+    series_level = next((f for f in result.findings if f.segment is None), None)
+    groups: list[object] = []
+    if series_level is None:
+        groups.append(MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=TrackingIdentifier(uid=hd.UID(), identifier=SERIES_LEVEL),
+            algorithm_id=alg,
+        ))
+        groups[0][0].ContentSequence.append(_text(result.summary()))  # type: ignore[index]
+    for f in result.findings:
+        number = plan.numbers.get(f.segment) if f.segment is not None else None
+        group = _group(f, alg, seg, number)
+        if f.text:
+            group[0].ContentSequence.append(_text(f.text))  # type: ignore[index]
+        if f is series_level:
+            group[0].ContentSequence.append(_text(result.summary()))  # type: ignore[index]
         groups.append(group)
 
     observer = ObserverContext(

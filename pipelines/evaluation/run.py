@@ -1,8 +1,10 @@
 """``ainode evaluate``: run the node's own pipeline on a labelled folder and score it.
 
-The cases go through ``PancreasPipeline.run`` exactly as a DICOM series does
-(a SimpleITK image with the source geometry), so the figures describe the
-code that runs in the hospital, not a separate evaluation path.
+The cases go through ``PancreasPipeline.report`` (what ``run`` turns into the
+generic result for a DICOM series) on a SimpleITK image with the source
+geometry, so the figures describe the code that runs in the hospital, not a
+separate evaluation path; the report keeps the pancreas terms that are scored
+(patient score, "pancreas found", lesion masks and confidences).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def evaluate(
     t0 = time.monotonic()
     for i, case in enumerate(cases, 1):
         img, lab = read_case(case)
-        res = pipeline.run(img)
+        res = pipeline.report(img)
         gt = sitk.GetArrayFromImage(lab) == 2
         cands = [(les.mask, float(les.confidence)) for les in res.lesions]
         lesions, tp, hit = match_lesions(gt, cands)

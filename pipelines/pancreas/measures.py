@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy.spatial import ConvexHull, QhullError
 
-from pipelines.results import PancreasLocation
+from pipelines.pancreas.output import PancreasLocation
 
 __all__ = [
     "LOCATION_CUTS",

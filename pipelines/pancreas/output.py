@@ -1,0 +1,193 @@
+"""What the pancreas pipeline found, in its own terms, and how it says it in the generic result.
+
+Why here: the PDAC probability, "pancreas found", the tumour-type
+classification, the part of the gland and the mean HU mean something only to
+this pipeline. :class:`PancreasReport` holds them; :meth:`PancreasReport.
+to_result` turns them into the shared contract (segments, scored findings,
+codes, the sentences the SR, the GSPS and the Secondary Capture show), so the
+writers, the worker and the database never see a pancreas field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from pipelines.results import (
+    HOUNSFIELD_UNIT,
+    MEAN_ATTENUATION,
+    NO_UNITS,
+    PROBABILITY,
+    AlgorithmInfo,
+    AnalysisResult,
+    Code,
+    Measurement,
+    ScoredFinding,
+    Segment,
+)
+
+__all__ = [
+    "PANCREAS",
+    "PATIENT_KEY",
+    "PDAC_PROBABILITY",
+    "TUMOUR_TYPES",
+    "TUMOUR_TYPE_CONCEPTS",
+    "Lesion",
+    "PancreasLocation",
+    "PancreasReport",
+    "lesion_text",
+    "location_concept",
+]
+
+PancreasLocation = Literal["head", "neck", "body", "tail"]
+# Class order of every tumour-type output (slice classifier and stage-2 head).
+TUMOUR_TYPES: tuple[str, ...] = ("normal", "PDAC", "PNET", "IPMN", "other_benign")
+PATIENT_KEY = "patient-level"  # the series-level finding: the SR tracking identifier
+
+# Segmented property category / type (CID 7150 / 7151), as in pydicom's dictionary.
+ANATOMICAL_STRUCTURE = Code("SCT", "91723000", "Anatomical Structure")
+MORPHOLOGICALLY_ABNORMAL = Code("SCT", "49755003", "Morphologically Abnormal Structure")
+PANCREAS = Code("SCT", "15776009", "Pancreas")
+NEOPLASM = Code("SCT", "108369006", "Neoplasm")
+PDAC_PROBABILITY = Code("DCM", "111047", "Probability of cancer")
+
+# Parts of the pancreas (SNOMED CT body structures). SNOMED has a "neck of
+# pancreas" concept but its identifier is not in pydicom's dictionary and we
+# would rather say "pancreas" than print an unverified code: the text label
+# still names the neck.
+_LOCATIONS: dict[str, Code] = {
+    "head": Code("SCT", "64163001", "Head of pancreas"),
+    "body": Code("SCT", "40133006", "Body of pancreas"),
+    "tail": Code("SCT", "73239005", "Tail of pancreas"),
+    "neck": PANCREAS,
+}
+
+# Probabilities of each tumour type, in TUMOUR_TYPES order. Private to the
+# node (coding scheme "99AINODE"): no standard code says "probability of PNET".
+TUMOUR_TYPE_CONCEPTS: dict[str, Code] = {
+    "normal": Code("99AINODE", "TT-NORMAL", "Probability of no pancreatic tumour"),
+    "PDAC": Code("99AINODE", "TT-PDAC", "Probability of PDAC"),
+    "PNET": Code("99AINODE", "TT-PNET", "Probability of PNET"),
+    "IPMN": Code("99AINODE", "TT-IPMN", "Probability of IPMN"),
+    "other_benign": Code("99AINODE", "TT-OTHER", "Probability of other benign lesion"),
+}
+
+
+def location_concept(location: PancreasLocation | None) -> Code:
+    """The finding site for a lesion location; the whole pancreas when unknown."""
+    if location is None:
+        return PANCREAS
+    return _LOCATIONS[location]
+
+
+@dataclass(frozen=True, slots=True)
+class Lesion:
+    """One lesion candidate, numbered from 1 in order of decreasing confidence."""
+
+    index: int
+    mask: npt.NDArray[np.bool_]  # (slices, rows, cols) on the source grid
+    confidence: float  # peak lesion probability, 0..1
+    diameter_mm: float  # long-axis diameter
+    volume_ml: float
+    centroid_lps_mm: tuple[float, float, float]
+    location: PancreasLocation | None = None  # None when no pancreas was found
+    mean_hu: float | None = None  # None for MR
+    label: str = "lesion"
+    tracking_uid: str = ""  # minted before the writers run if empty
+    type_probabilities: dict[str, float] | None = None
+
+    @property
+    def key(self) -> str:
+        return f"lesion-{self.index}"
+
+
+def lesion_text(les: Lesion) -> str:
+    where = f"pancreatic {les.location}" if les.location else "the pancreas region"
+    return (f"Suspicious lesion in {where}, {les.diameter_mm:.0f} mm, "
+            f"probability {les.confidence:.2f}")
+
+
+def _types(probabilities: dict[str, float] | None) -> tuple[Measurement, ...]:
+    return tuple(Measurement(TUMOUR_TYPE_CONCEPTS[k], float(v), NO_UNITS)
+                 for k, v in (probabilities or {}).items() if k in TUMOUR_TYPE_CONCEPTS)
+
+
+@dataclass(slots=True)
+class PancreasReport:
+    """The pancreas pipeline's output in its own terms (what evaluation scores)."""
+
+    pipeline: str
+    algorithm: AlgorithmInfo
+    source_sop_instance_uids: list[str]
+    patient_score: float  # combined PDAC probability, 0..1
+    pancreas_found: bool
+    pancreas_mask: npt.NDArray[np.bool_] | None = None
+    lesion_probability: npt.NDArray[np.float32] | None = None  # for FRACTIONAL SEG
+    lesions: list[Lesion] = field(default_factory=list)
+    classification: dict[str, float] | None = None  # over TUMOUR_TYPES
+    source_frame_numbers: list[int] | None = None  # multi-frame sources only
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """One line per finding, the way the SR text and the CLI say it."""
+        if not self.pancreas_found:
+            return f"Pancreas not found; no assessment possible (score {self.patient_score:.2f})"
+        if not self.lesions:
+            return (
+                f"No suspicious pancreatic lesion found (PDAC probability {self.patient_score:.2f})"
+            )
+        return "; ".join(lesion_text(les) for les in self.lesions)
+
+    def to_result(self) -> AnalysisResult:
+        """The generic result: the gland and each lesion as segments, the scores as findings."""
+        segments: list[Segment] = []
+        if self.pancreas_mask is not None:
+            segments.append(Segment("pancreas", "Pancreas", ANATOMICAL_STRUCTURE, PANCREAS,
+                                    self.pancreas_mask))
+        patient = ScoredFinding(
+            key=PATIENT_KEY, label="PDAC probability", concept=PDAC_PROBABILITY,
+            probability=float(self.patient_score), kind="patient", site=PANCREAS,
+            measurements=_types(self.classification),
+            legend=f"PDAC probability {self.patient_score:.2f}",
+            details={"pancreas_found": self.pancreas_found,
+                     "classification": self.classification or {}},
+        )
+        findings = [patient]
+        for les in self.lesions:
+            where = f" ({les.location})" if les.location else ""
+            segments.append(Segment(
+                les.key, f"Lesion {les.index}{where} p={les.confidence:.2f}",
+                MORPHOLOGICALLY_ABNORMAL, NEOPLASM, les.mask,
+                probability=self.lesion_probability,
+                anatomic_region=location_concept(les.location),
+                tracking_uid=les.tracking_uid,
+            ))
+            hu = () if les.mean_hu is None else (
+                Measurement(MEAN_ATTENUATION, float(les.mean_hu), HOUNSFIELD_UNIT),)
+            findings.append(ScoredFinding(
+                key=les.key, label=les.label, concept=PROBABILITY,
+                probability=float(les.confidence), kind="lesion", segment=les.key,
+                finding_type=NEOPLASM, site=location_concept(les.location),
+                location=les.location, size_mm=float(les.diameter_mm),
+                volume_ml=float(les.volume_ml),
+                measurements=(*hu, *_types(les.type_probabilities)),
+                text=lesion_text(les),
+                caption=f"L{les.index} p={les.confidence:.2f}",
+                legend=f"L{les.index}: {les.location or 'pancreas region'}, "
+                       f"{les.diameter_mm:.0f} mm, p={les.confidence:.2f}",
+                tracking_uid=les.tracking_uid,
+                details={"index": les.index, "centroid_lps_mm": list(les.centroid_lps_mm),
+                         "type_probabilities": les.type_probabilities or {}},
+            ))
+        return AnalysisResult(
+            pipeline=self.pipeline, algorithm=self.algorithm,
+            source_sop_instance_uids=list(self.source_sop_instance_uids),
+            segments=segments, findings=findings,
+            status="assessed" if self.pancreas_found else "not_assessable",
+            reason=None if self.pancreas_found else "pancreas not found",
+            summary_text=self.summary(), source_frame_numbers=self.source_frame_numbers,
+            provenance=self.provenance,
+        )
