@@ -1,25 +1,40 @@
 """Pipelines by registered name: routing rules and scripts name a pipeline, never code.
 
-A pipeline module registers a factory under its name (``pancreas-ct``,
-``pancreas-mr``); the node asks the registry for it when a job runs. Models
-stay loaded between jobs because the registry keeps the built instance, one
-per (name, models directory, device): the configuration decides where the
-weights come from and where they run, never the pipeline module.
+A pipeline is a factory published in the entry-point group ``ainode.pipelines``
+(the built-ins in this project's ``pyproject.toml``; a hospital's own pipeline
+in the package it ``pip install``s), so adding one touches no module of the
+node. Discovery reads the installed distributions' metadata only: listing the
+names imports nothing, and a plug-in that fails to import fails the jobs that
+use it with a ModelError naming it, never the node or the other pipelines.
+
+Every factory is called as ``factory(models_dir=..., device=...)``: the
+configuration decides where the weights come from and where they run, never
+the pipeline module. Models stay loaded between jobs because the registry
+keeps the built instance, one per (name, models directory, device).
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
+import logging
+import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from importlib.metadata import Distribution, EntryPoint, distributions
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from pipelines.results import AnalysisResult
 from storage.errors import ModelError
 
-__all__ = ["Pipeline", "available", "get", "register"]
+if TYPE_CHECKING:
+    from pipelines.results import AnalysisResult
+
+log = logging.getLogger(__name__)
+
+__all__ = ["GROUP", "Pipeline", "available", "get", "model_packages", "refresh", "register"]
+
+GROUP = "ainode.pipelines"
 
 
 class Pipeline(Protocol):
@@ -33,50 +48,197 @@ class Pipeline(Protocol):
     def run(self, volume: object) -> AnalysisResult: ...
 
 
-# A factory takes ``models_dir`` (None: the shipped weights) and ``device``
-# keyword arguments; one that takes none (a test's) is called without them.
+# Called with the keyword arguments ``models_dir`` (a Path, or None for the
+# pipeline's shipped weights) and ``device`` ("auto", "cpu", "cuda[:N]").
+# A factory may also offer ``packages(models_dir)``: which model package each
+# stage would use and from where, for ``ainode models list``.
 Factory = Callable[..., Pipeline]
+_PIPELINE_PARTS = ("name", "min_slices", "model_version", "run")
 
-_factories: dict[str, Factory] = {}
-_instances: dict[tuple[str, str, str], Pipeline] = {}
-_lock = threading.Lock()
-# Modules whose import registers the built-in pipelines.
-_BUILTIN_MODULES: tuple[str, ...] = ("pipelines.pancreas",)
+
+@dataclass(frozen=True)
+class _Source:
+    """Where a name comes from; it names the culprit in every error about the plug-in."""
+
+    origin: str
+    entry_point: EntryPoint | None = None
+    factory: Factory | None = None  # registered in process
+
+
+_registered: dict[str, Factory] = {}
+_discovered: dict[str, _Source] | None = None  # None: not read yet
+_conflicts: dict[str, list[str]] = {}
+_loaded: dict[str, tuple[str, Factory]] = {}  # name -> (origin, checked factory)
+# key -> (the factory that built it, the instance)
+_instances: dict[tuple[str, str, str], tuple[Factory, Pipeline]] = {}
+_lock = threading.RLock()
 
 
 def register(name: str) -> Callable[[Factory], Factory]:
+    """In-process registration (tests, scripts); it takes precedence over an entry point."""
+
     def deco(factory: Factory) -> Factory:
-        _factories[name] = factory
+        with _lock:
+            _registered[name] = factory
+            _loaded.pop(name, None)
         return factory
 
     return deco
 
 
-def _load_builtins() -> None:
-    for mod in _BUILTIN_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            if exc.name != mod:
-                raise
+def refresh() -> None:
+    """Read the installed plug-ins again (after a package was installed into a running process).
+
+    Built instances are kept; one is rebuilt only when its name now resolves to
+    another factory.
+    """
+    global _discovered
+    with _lock:
+        _discovered = None
+        _conflicts.clear()
+        _loaded.clear()
+
+
+def _dist_name(dist: Distribution) -> str:
+    return str(dist.metadata["Name"] or "?")
+
+
+def _same_dist(name: str) -> str:
+    """PEP 503 normalisation: ``dicom_ai_node`` and ``dicom-ai-node`` are one distribution."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _discover() -> dict[str, _Source]:
+    """Every installed distribution's entry points in :data:`GROUP`.
+
+    Read from all copies of a distribution's metadata, not only the first on
+    ``sys.path`` (what ``importlib.metadata.entry_points`` keeps): a stale
+    ``*.egg-info`` left in a checkout sits first on the path when the node runs
+    from it and would otherwise hide the installed pipelines. For one
+    distribution the first copy that names a pipeline wins; two distributions
+    naming the same pipeline are a conflict, refused when it is asked for.
+    """
+    global _discovered
+    if _discovered is None:
+        found: dict[str, _Source] = {}
+        owners: dict[str, dict[str, str]] = {}  # pipeline -> {dist name: origin}
+        for dist in distributions():
+            dname = _dist_name(dist)
+            for ep in dist.entry_points.select(group=GROUP):
+                seen = owners.setdefault(ep.name, {})
+                if _same_dist(dname) in seen:
+                    continue
+                origin = f"{ep.value}, entry point of {dname} {dist.version}"
+                seen[_same_dist(dname)] = origin
+                found.setdefault(ep.name, _Source(origin, entry_point=ep))
+        _conflicts.clear()
+        _conflicts.update({n: list(o.values()) for n, o in owners.items() if len(o) > 1})
+        _discovered = found
+    return _discovered
+
+
+def _sources() -> dict[str, _Source]:
+    sources = dict(_discover())
+    for name, factory in _registered.items():
+        where = f"{getattr(factory, '__module__', '?')}.{getattr(factory, '__qualname__', '?')}"
+        sources[name] = _Source(f"{where}, registered in process", factory=factory)
+    return sources
 
 
 def available() -> list[str]:
-    _load_builtins()
-    return sorted(_factories)
+    """Every pipeline name a rule may use; nothing is imported to list them."""
+    with _lock:
+        return sorted(_sources())
+
+
+def _factory(name: str) -> tuple[str, Factory]:
+    """The checked factory of ``name`` and its origin (loaded once per origin)."""
+    sources = _sources()
+    if name not in sources:
+        raise ModelError(f"unknown pipeline {name!r}; known: {', '.join(sorted(sources))}")
+    src = sources[name]
+    cached = _loaded.get(name)
+    if cached is not None and cached[0] == src.origin:
+        return cached
+    if src.factory is None and name in _conflicts:
+        raise ModelError(f"pipeline {name!r} is published by more than one installed package "
+                         f"({'; '.join(_conflicts[name])}); uninstall all but one")
+    factory = src.factory
+    if factory is None:
+        assert src.entry_point is not None
+        try:
+            factory = src.entry_point.load()
+        except Exception as exc:  # any error of a plug-in's import is the plug-in's fault
+            log.error("pipeline plug-in cannot be loaded", exc_info=exc,
+                      extra={"pipeline": name, "origin": src.origin})
+            raise ModelError(f"pipeline plug-in {name!r} ({src.origin}) cannot be loaded: "
+                             f"{type(exc).__name__}: {exc}") from exc
+    _check_signature(name, src.origin, factory)
+    _loaded[name] = (src.origin, factory)
+    return src.origin, factory
+
+
+def _check_signature(name: str, origin: str, factory: object) -> None:
+    """Refuse a factory that cannot take ``models_dir`` and ``device`` before it is ever called.
+
+    Checked rather than probed: a factory that ignored the configuration would
+    run weights nobody chose, so the mismatch is the plug-in's error.
+    """
+    if not callable(factory):
+        raise ModelError(f"pipeline plug-in {name!r} ({origin}) is a "
+                         f"{type(factory).__name__}, not a callable factory")
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):  # a builtin without a signature: trust the call
+        return
+    try:
+        sig.bind(models_dir=None, device="auto")
+    except TypeError as exc:
+        raise ModelError(
+            f"pipeline plug-in {name!r} ({origin}): its factory must accept the keyword "
+            f"arguments models_dir and device, but its signature is {sig} ({exc})"
+        ) from exc
+
+
+def _key(name: str, models_dir: Path | None, device: str) -> tuple[str, str, str]:
+    return name, str(Path(models_dir).expanduser().resolve()) if models_dir else "", device
 
 
 def get(name: str, *, models_dir: Path | None = None, device: str = "auto") -> Pipeline:
     """The loaded pipeline ``name`` (built once per process and settings, then reused)."""
-    _load_builtins()
-    key = (name, str(models_dir or ""), device)
     with _lock:
-        if key not in _instances:
-            if name not in _factories:
-                raise ModelError(f"unknown pipeline {name!r}; known: {', '.join(available())}")
-            factory = _factories[name]
-            if inspect.signature(factory).parameters:
-                _instances[key] = factory(models_dir=models_dir, device=device)
-            else:
-                _instances[key] = factory()
-        return _instances[key]
+        origin, factory = _factory(name)
+        key = _key(name, models_dir, device)
+        cached = _instances.get(key)
+        if cached is not None and cached[0] is factory:
+            return cached[1]
+        where = Path(key[1]) if key[1] else None
+        try:
+            pipeline = factory(models_dir=where, device=device)
+        except ModelError:
+            raise
+        except Exception as exc:
+            log.error("pipeline factory failed", exc_info=exc,
+                      extra={"pipeline": name, "origin": origin})
+            raise ModelError(f"pipeline {name!r} ({origin}) could not be built: "
+                             f"{type(exc).__name__}: {exc}") from exc
+        lacking = [p for p in _PIPELINE_PARTS if not hasattr(pipeline, p)]
+        if lacking:
+            raise ModelError(f"pipeline plug-in {name!r} ({origin}): its factory returned a "
+                             f"{type(pipeline).__name__}, which lacks {', '.join(lacking)}")
+        _instances[key] = (factory, pipeline)
+        return pipeline
+
+
+def model_packages(name: str, models_dir: Path | None = None) -> Mapping[str, Any]:
+    """Per stage, the model package ``name`` would load with ``models_dir`` (its ``packages``).
+
+    Empty for a pipeline whose factory does not say; nothing is built or loaded.
+    """
+    with _lock:
+        _, factory = _factory(name)
+    packages = getattr(factory, "packages", None)
+    if not callable(packages):
+        return {}
+    result = packages(models_dir)
+    return dict(result)

@@ -9,9 +9,9 @@ import pytest
 
 from pipelines import registry
 from pipelines.pancreas import build_pipeline
-from pipelines.pancreas.pipeline import SHIPPED_WEIGHTS, aggregate_slices
+from pipelines.pancreas.model import SHIPPED_WEIGHTS, aggregate_slices
+from pipelines.pancreas.output import TUMOUR_TYPES, PancreasReport
 from pipelines.phantom import PhantomSpec, generate, phantom_to_sitk, write_dicom_series
-from pipelines.results import TUMOUR_TYPES, AnalysisResult
 from tests.support.data import dicom_series_dir
 
 
@@ -26,7 +26,7 @@ def ct_pipeline():  # type: ignore[no-untyped-def]
     return build_pipeline("pancreas-ct", device="cpu")
 
 
-def _check_well_formed(res: AnalysisResult, shape: tuple[int, int, int]) -> None:
+def _check_well_formed(res: PancreasReport, shape: tuple[int, int, int]) -> None:
     assert 0.0 <= res.patient_score <= 1.0
     if res.pancreas_found:
         assert res.pancreas_mask is not None and res.pancreas_mask.shape == shape
@@ -55,7 +55,7 @@ def test_phantom_with_a_large_lesion_is_found_on_the_source_grid(ct_pipeline) ->
     ph = generate(PhantomSpec(seed=424242, diagnosis="PNET", lesion_diameter_mm=30.0,
                               spacing=(1.6, 1.6, 2.0)))
     img, _ = phantom_to_sitk(ph)
-    res = ct_pipeline.run(img)
+    res = ct_pipeline.report(img)
     _check_well_formed(res, ph.image.shape)
     assert res.pancreas_found
     gland = ph.label > 0
@@ -70,9 +70,29 @@ def test_phantom_with_a_large_lesion_is_found_on_the_source_grid(ct_pipeline) ->
 def test_results_are_deterministic_on_cpu(ct_pipeline) -> None:  # type: ignore[no-untyped-def]
     img, _ = phantom_to_sitk(generate(PhantomSpec(seed=77, diagnosis="PDAC",
                                                   lesion_diameter_mm=20.0)))
-    a, b = ct_pipeline.run(img), ct_pipeline.run(img)
+    a, b = ct_pipeline.report(img), ct_pipeline.report(img)
     assert a.patient_score == b.patient_score
     assert np.array_equal(a.lesion_probability, b.lesion_probability)
+
+
+def test_run_gives_the_report_in_the_generic_contract(ct_pipeline) -> None:  # type: ignore[no-untyped-def]
+    img, _ = phantom_to_sitk(generate(PhantomSpec(seed=77, diagnosis="PDAC",
+                                                  lesion_diameter_mm=20.0)))
+    rep, res = ct_pipeline.report(img), ct_pipeline.run(img)
+    assert res.summary() == rep.summary()
+    assert res.assessed == rep.pancreas_found
+    assert [s.key for s in res.segments] == \
+        (["pancreas"] if rep.pancreas_mask is not None else []) + \
+        [f"lesion-{les.index}" for les in rep.lesions]
+    patient, *lesions = res.findings
+    assert (patient.kind, patient.label, patient.probability) == \
+        ("patient", "PDAC probability", rep.patient_score)
+    assert patient.details["pancreas_found"] == rep.pancreas_found
+    for f, les in zip(lesions, rep.lesions, strict=True):
+        assert (f.kind, f.probability, f.size_mm, f.location) == \
+            ("lesion", les.confidence, les.diameter_mm, les.location)
+        seg = res.segment(f.segment or "")
+        assert seg is not None and np.array_equal(seg.mask, les.mask)
 
 
 def test_dicom_phantom_through_the_volume_loader(ct_pipeline, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -80,7 +100,7 @@ def test_dicom_phantom_through_the_volume_loader(ct_pipeline, tmp_path: Path) ->
 
     ph = generate(PhantomSpec(seed=5151, diagnosis="other_benign", lesion_diameter_mm=25.0))
     vol = load_series(write_dicom_series(ph, tmp_path, seed=5151))
-    res = ct_pipeline.run(vol)
+    res = ct_pipeline.report(vol)
     _check_well_formed(res, vol.shape)
     assert res.source_sop_instance_uids == vol.sop_instance_uids
 
@@ -89,7 +109,7 @@ def test_real_ct_gives_a_roi_or_an_explicit_not_found(ct_pipeline) -> None:  # t
     from pipelines.volume import load_series
 
     vol = load_series(sorted(dicom_series_dir("ct_abdomen_siemens").glob("*.dcm")))
-    res = ct_pipeline.run(vol)
+    res = ct_pipeline.report(vol)
     _check_well_formed(res, vol.shape)
     assert len(res.source_sop_instance_uids) == vol.shape[0]
     assert res.summary()
@@ -100,7 +120,7 @@ def test_mr_pipeline_runs_on_a_t1_phantom() -> None:
     ph = generate(PhantomSpec(seed=31, contrast="mr_t1", diagnosis="IPMN",
                               lesion_diameter_mm=25.0))
     img, _ = phantom_to_sitk(ph)
-    res = pipe.run(img)
+    res = pipe.report(img)
     _check_well_formed(res, ph.image.shape)
     assert all(les.mean_hu is None for les in res.lesions)  # no HU on MR
 

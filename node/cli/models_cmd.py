@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -54,20 +54,63 @@ def _find(ctx: typer.Context, name: str) -> Path:
 
 @app.command("list")
 def list_(ctx: typer.Context, as_json: JsonOpt = False) -> None:
-    """Every package in the configured models folder and the shipped demo weights."""
+    """Every package in the configured models folder and the shipped demo weights.
+
+    ``source`` says which folder a package is in and ``used_by`` which pipeline
+    stages a job would run it for: a package in ``inference.models_dir``
+    replaces the shipped one of the same name, stage by stage.
+    """
+    cfg = get(ctx).config
+    models_dir = Path(cfg.inference.models_dir) if cfg.inference.models_dir else None
+    used_by = _stage_uses(models_dir)
     rows = []
+    seen: set[Path] = set()
     for root in _roots(ctx):
+        source = "shipped" if root == SHIPPED_WEIGHTS else "models_dir"
         for pkg in _pkg().find_packages(root):
-            try:
-                m = _pkg().read_manifest(pkg)
-                rows.append({"name": m.name, "version": m.version, "task": m.task,
-                             "modality": m.input.modality, "architecture": m.architecture.name,
-                             "format": m.weights.format, "path": str(pkg)})
-            except ModelError as exc:
-                rows.append({"name": pkg.name, "version": "?", "task": f"INVALID: {exc}",
-                             "path": str(pkg)})
-    emit(rows, ["name", "version", "task", "modality", "architecture", "format", "path"],
-         as_json=as_json, title="Model packages")
+            seen.add(pkg.resolve())
+            rows.append(_row(pkg, source, used_by))
+    for path, (source, _) in sorted(used_by.items()):  # a plug-in's own shipped packages
+        if path not in seen:
+            rows.append(_row(path, source, used_by))
+    replaced = {r["name"] for r in rows if r["source"] == "models_dir" and r["used_by"] != "-"}
+    for r in rows:
+        if r["source"] == "shipped" and r["used_by"] == "-" and r["name"] in replaced:
+            r["used_by"] = "- (replaced by models_dir)"
+    emit(rows, ["name", "version", "task", "modality", "architecture", "format", "source",
+                "used_by", "path"], as_json=as_json, title="Model packages")
+
+
+def _stage_uses(models_dir: Path | None) -> dict[Path, tuple[str, list[str]]]:
+    """Package folder -> (its source, the ``pipeline:stage`` names that load it)."""
+    from pipelines import registry
+
+    uses: dict[Path, tuple[str, list[str]]] = {}
+    for name in registry.available():
+        try:
+            packages = registry.model_packages(name, models_dir)
+        except ModelError as exc:  # a broken plug-in: say so, list the rest
+            typer.echo(f"ainode: warning: {exc}", err=True)
+            continue
+        for stage, found in packages.items():
+            if found is not None:
+                entry = uses.setdefault(Path(found.path).resolve(), (found.source, []))
+                entry[1].append(f"{name}:{stage}")
+    return uses
+
+
+def _row(pkg: Path, source: str, used_by: dict[Path, tuple[str, list[str]]]) -> dict[str, Any]:
+    users = used_by.get(pkg.resolve(), (source, []))[1]
+    row: dict[str, Any] = {"name": pkg.name, "source": source, "path": str(pkg),
+                           "used_by": ", ".join(users) or "-"}
+    try:
+        m = _pkg().read_manifest(pkg)
+        row.update({"name": m.name, "version": m.version, "task": m.task,
+                    "modality": m.input.modality, "architecture": m.architecture.name,
+                    "format": m.weights.format})
+    except ModelError as exc:
+        row.update({"version": "?", "task": f"INVALID: {exc}"})
+    return row
 
 
 @app.command("show")

@@ -52,7 +52,7 @@ def train_demo(
     only: Annotated[str | None, typer.Option(help="comma-separated recipe keys")] = None,
 ) -> None:
     """Generate phantoms and train the shipped demo weights (under two hours on one CPU thread)."""
-    from pipelines.pancreas.pipeline import SHIPPED_WEIGHTS
+    from pipelines.pancreas.model import SHIPPED_WEIGHTS
     from pipelines.training.run import train_demo as run
 
     summary = run(work, weights or SHIPPED_WEIGHTS, only=only.split(",") if only else None,

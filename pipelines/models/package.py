@@ -28,10 +28,12 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "MANIFEST",
+    "FoundPackage",
     "LoadedModel",
     "Manifest",
     "find_packages",
     "load_package",
+    "locate_package",
     "read_manifest",
     "sha256_file",
     "verify_package",
@@ -264,6 +266,33 @@ def find_packages(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p.parent for p in root.glob(f"*/{MANIFEST}"))
+
+
+PackageSource = Literal["models_dir", "shipped"]
+
+
+@dataclass(frozen=True)
+class FoundPackage:
+    """A package a pipeline stage will load, and which folder it came from."""
+
+    name: str
+    path: Path
+    source: PackageSource
+
+
+def locate_package(name: str, models_dir: Path | None, shipped: Path) -> FoundPackage | None:
+    """``models_dir/<name>``, else the shipped ``shipped/<name>``; None when neither has it.
+
+    The folder name is the manifest name because that is where
+    :func:`import_package` (``ainode models import --to DIR``) and the bundle
+    and nnU-Net importers put a package; the configured folder wins package by
+    package, so a site can replace one stage and keep the shipped others.
+    """
+    if models_dir is not None and (models_dir / name / MANIFEST).is_file():
+        return FoundPackage(name, models_dir / name, "models_dir")
+    if (shipped / name / MANIFEST).is_file():
+        return FoundPackage(name, shipped / name, "shipped")
+    return None
 
 
 def clear_destination(dest: Path, *, force: bool) -> None:

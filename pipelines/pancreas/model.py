@@ -1,4 +1,4 @@
-"""The two-stage pancreas pipeline (plus the optional slice classifier).
+"""The two-stage pancreas pipeline (plus the optional slice classifier): the models' room.
 
 Stage 1 finds the gland on the whole scan at low resolution; its box plus a
 margin in mm is the region of interest. Stage 2 looks only at that region at
@@ -27,13 +27,6 @@ from scipy import ndimage
 
 from pipelines.models.package import LoadedModel, load_package
 from pipelines.pancreas.candidates import ScoreMode, combine_score, extract_candidates
-from pipelines.pancreas.geometry import (
-    normalise,
-    resample_like,
-    resample_to_spacing,
-    roi_grid,
-    stack_25d,
-)
 from pipelines.pancreas.measures import (
     centroid_lps,
     long_axis_diameter_mm,
@@ -41,7 +34,10 @@ from pipelines.pancreas.measures import (
     volume_ml,
     voxel_to_lps,
 )
-from pipelines.results import TUMOUR_TYPES, AlgorithmInfo, AnalysisResult, Lesion
+from pipelines.pancreas.output import TUMOUR_TYPES, Lesion, PancreasReport
+from pipelines.pancreas.preprocess import model_input, slice_roi, slice_stack, stage2_roi
+from pipelines.preprocess import resample_like
+from pipelines.results import AlgorithmInfo, AnalysisResult
 from storage.errors import ModelError, PipelineError
 
 log = logging.getLogger(__name__)
@@ -86,6 +82,9 @@ class PancreasPipeline:
     slice_model: LoadedModel | None = None
     settings: PipelineSettings = field(default_factory=PipelineSettings)
     min_slices: int = 8
+    # Where each stage's package came from ("stage1_source": "models_dir" | "shipped",
+    # ...): set by the factory, recorded in every result's provenance.
+    model_sources: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_packages(
@@ -128,7 +127,11 @@ class PancreasPipeline:
     # --- public entry points -------------------------------------------------------------
 
     def run(self, volume: object) -> AnalysisResult:
-        """Analyse a pipelines.volume.Volume (or a SimpleITK image, for evaluation)."""
+        """Analyse a pipelines.volume.Volume (or a SimpleITK image): the generic result."""
+        return self.report(volume).to_result()
+
+    def report(self, volume: object) -> PancreasReport:
+        """What :meth:`run` finds, in the pipeline's own terms (what evaluation scores)."""
         modality: str
         if isinstance(volume, sitk.Image):
             img, uids, frames = volume, [], None
@@ -146,7 +149,7 @@ class PancreasPipeline:
         return self.analyse(sitk.Cast(img, sitk.sitkFloat32), uids, frames, modality)
 
     def analyse(self, img: sitk.Image, uids: list[str], frames: list[int] | None,
-                modality: str) -> AnalysisResult:
+                modality: str) -> PancreasReport:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         with torch.inference_mode(), self._autocast():
@@ -158,17 +161,18 @@ class PancreasPipeline:
                 "models": self.model_identity(), "device": str(self.stage2.device),
                 "margin_mm": self.settings.margin_mm, "score_mode": self.settings.score_mode,
                 "stage1_max_probability": round(s1.prob_max, 4), "timings": timings,
+                **self.model_sources,
             }
             if not s1.mask.any():
                 log.info("pancreas not found (max probability %.2f)", s1.prob_max)
-                return AnalysisResult(
+                return PancreasReport(
                     pipeline=self.name, algorithm=algo, source_sop_instance_uids=uids,
                     patient_score=0.0, pancreas_found=False, source_frame_numbers=frames,
                     provenance=provenance,
                 )
-            roi = roi_grid(s1.mask, s1.grid, margin_mm=self.settings.margin_mm,
-                           spacing=self.stage2.manifest.input.spacing_mm,
-                           min_size=tuple(self.stage2.manifest.input.patch_size[::-1]))
+            roi = stage2_roi(s1.mask, s1.grid, margin_mm=self.settings.margin_mm,
+                             spacing=self.stage2.manifest.input.spacing_mm,
+                             patch_zyx=self.stage2.manifest.input.patch_size)
             t1 = time.perf_counter()
             prob, cls = self._stage2(img, roi)
             timings["stage2_s"] = round(time.perf_counter() - t1, 3)
@@ -191,26 +195,6 @@ class PancreasPipeline:
         else:
             yield
 
-    def _background(self, preset: str) -> float:
-        return -1000.0 if preset.startswith("ct") else 0.0
-
-    def _prepare(self, img: sitk.Image, model: LoadedModel, ref: sitk.Image | None) -> tuple[
-            torch.Tensor, sitk.Image]:
-        inp = model.manifest.input
-        bg = self._background(inp.intensity_preset)
-        if ref is None:
-            grid = resample_to_spacing(img, inp.spacing_mm, default=bg)
-        else:
-            grid = resample_like(img, ref, default=bg)
-        arr = sitk.GetArrayFromImage(grid)
-        if inp.intensity_preset == "ct_range" and inp.intensity_window is not None:
-            lo, hi = inp.intensity_window
-            arr = np.clip((arr - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
-        else:
-            arr = normalise(arr, inp.intensity_preset)
-        x = torch.as_tensor(arr, dtype=torch.float32)[None, None].to(model.device)
-        return x, grid
-
     def _stage1(self, img: sitk.Image) -> _Stage1:
         if self.stage1.manifest.weights.format == "nnunetv2":
             # nnU-Net resamples and normalises itself; its output lies on the source grid.
@@ -218,7 +202,8 @@ class PancreasPipeline:
             p = probs[1:].sum(0)
             grid = img
         else:
-            x, grid = self._prepare(img, self.stage1, None)
+            x, prepared = model_input(img, self.stage1)
+            grid = prepared.grid
             net = self.stage1.module
             patch = tuple(int(p) for p in self.stage1.manifest.input.patch_size)
             try:
@@ -246,7 +231,7 @@ class PancreasPipeline:
             les = sitk.GetImageFromArray(probs[2:].sum(0) if len(probs) > 2 else probs[1])
             les.CopyInformation(img)
             return sitk.GetArrayFromImage(resample_like(les, roi)).astype(np.float32), None
-        x, _ = self._prepare(img, self.stage2, roi)
+        x, _ = model_input(img, self.stage2, roi)
         net = self.stage2.module
         windows: list[tuple[float, npt.NDArray[np.float64]]] = []
 
@@ -280,14 +265,17 @@ class PancreasPipeline:
             cls = best if peak >= 0.5 else np.mean([w[1] for w in windows], axis=0)
         return prob.cpu().numpy().astype(np.float32), cls
 
-    def _slices(self, img: sitk.Image, s1: _Stage1) -> dict[str, float]:
+    def _slice_input(self, img: sitk.Image, s1: _Stage1) -> torch.Tensor:
+        """The slice classifier's 2.5D stack of the stage-1 ROI, (z, 3, y, x)."""
         assert self.slice_model is not None
         inp = self.slice_model.manifest.input
-        size = int(inp.patch_size[-1])
-        ref = roi_grid(s1.mask, s1.grid, margin_mm=self.settings.margin_mm,
-                       spacing=inp.spacing_mm, min_size=(size, size, 3), exact_xy=size)
-        x, _ = self._prepare(img, self.slice_model, ref)
-        stack = torch.as_tensor(stack_25d(x[0, 0].cpu().numpy())).to(self.slice_model.device)
+        ref = slice_roi(s1.mask, s1.grid, margin_mm=self.settings.margin_mm,
+                        spacing=inp.spacing_mm, size=int(inp.patch_size[-1]))
+        return torch.as_tensor(slice_stack(img, inp, ref)).to(self.slice_model.device)
+
+    def _slices(self, img: sitk.Image, s1: _Stage1) -> dict[str, float]:
+        assert self.slice_model is not None
+        stack = self._slice_input(img, s1)
         probs = []
         for i in range(0, len(stack), 32):
             probs.append(torch.softmax(self.slice_model.module(stack[i:i + 32]).float(), 1))
@@ -302,7 +290,7 @@ class PancreasPipeline:
         s1: _Stage1, roi: sitk.Image, prob: npt.NDArray[np.float32],
         cls: npt.NDArray[np.float64] | None, slice_dist: dict[str, float] | None,
         algo: AlgorithmInfo, provenance: dict[str, Any],
-    ) -> AnalysisResult:
+    ) -> PancreasReport:
         st = self.settings
         sx, sy, sz = (float(s) for s in img.GetSpacing())
         ox, oy, oz = (float(o) for o in img.GetOrigin())
@@ -360,7 +348,7 @@ class PancreasPipeline:
         score = combine_score(pdac, lesion_max, st.score_mode)
         provenance["lesion_max"] = round(lesion_max, 4)
         provenance["classification_pdac"] = None if pdac is None else round(pdac, 4)
-        return AnalysisResult(
+        return PancreasReport(
             pipeline=self.name, algorithm=algo, source_sop_instance_uids=uids,
             patient_score=float(np.clip(score, 0.0, 1.0)), pancreas_found=True,
             pancreas_mask=pancreas, lesion_probability=lesion_prob, lesions=lesions,
