@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session, selectinload
 from node.config import NodeConfig
 from node.routing import RuleSpec, evaluate_rule, referenced_keys, series_attributes
 from node.routing.rules import RuleEvaluation
+from node.routing.store import current_rules, rule_key, spec_of
 from pipelines import registry
 from storage import jobs as job_store
 from storage.audit import audit
@@ -50,7 +51,6 @@ from storage.models import (
     TransferState,
     utcnow,
 )
-from storage.rules import current_rules, rule_key, spec_of
 
 if TYPE_CHECKING:
     from node.worker import Worker
@@ -117,7 +117,11 @@ class Services:
 
 
 def close_series(services: Services, *, now: datetime | None = None) -> int:
-    """Complete quiet series (storage.series); returns how many were closed."""
+    """Complete quiet series (storage.series); returns how many were closed.
+
+    The node's only completion step: NodeService schedules this one on its own,
+    shorter tick rather than keeping a second copy.
+    """
     from storage.series import close_stable_series
 
     done = close_stable_series(services.db, services.config.series.stable_age_s,

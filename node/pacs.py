@@ -1,10 +1,14 @@
-"""A local Orthanc PACS on loopback, for `ainode demo` and the tests.
+"""A local Orthanc PACS on loopback and a stand-in storage SCP: what `ainode demo` runs against.
 
-Orthanc is a real PACS nobody here wrote; the demo and the end-to-end tests
-push studies through it exactly as a hospital PACS would. It runs with its own
-storage under a work directory, HTTP remote access off (loopback REST only),
-and TCP_NODELAY=1 (it uses dcmtk's network layer, where Nagle's algorithm
-stalls small PDUs and makes it up to 40x slower than it is).
+Orthanc is a real PACS nobody here wrote; the demo pushes a study through it
+exactly as a hospital PACS would. It runs with its own storage under a work
+directory, HTTP remote access off (loopback REST only), and TCP_NODELAY=1 (it
+uses dcmtk's network layer, where Nagle's algorithm stalls small PDUs and
+makes it up to 40x slower than it is).
+
+Only what the demo needs lives here (the launcher, its free ports and bounded
+waits); the tests reuse it through tests/support, where the test-only helpers
+(waiting for instances in Orthanc, requiring a peer) live.
 """
 
 from __future__ import annotations
@@ -24,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["Orthanc", "dcmtk_env", "find_tool", "free_port", "orthanc", "wait_for",
-           "wait_instances"]
+__all__ = ["LocalStoreSCP", "Orthanc", "dcmtk_env", "find_tool", "free_port", "orthanc",
+           "wait_for"]
 
 T = TypeVar("T")
 
@@ -186,16 +190,6 @@ def orthanc(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=10)
-
-
-def wait_instances(server: Orthanc, count: int, timeout: float = 60) -> list[str]:
-    """Bounded wait until Orthanc holds at least ``count`` instances."""
-
-    def enough() -> list[str]:
-        ids = server.instances()
-        return ids if len(ids) >= count else []
-
-    return wait_for(enough, timeout=timeout, what=f"{count} instances in Orthanc")
 
 
 class LocalStoreSCP:

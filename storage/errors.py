@@ -4,7 +4,8 @@
     ├── ConfigError            bad configuration; the message names the key
     ├── StorageError           database or file store failure
     │   ├── OutOfSpaceError    free space below the configured floor
-    │   └── ConflictError      a different object under an existing UID
+    │   └── ConflictError      a different object under an existing UID, a name taken
+    │       └── JobNotHeldError  a worker's job was cancelled, requeued or claimed by another
     ├── InputError             a DICOM object or series we refuse to process
     │   └── GeometryError      a series that cannot become one correct volume
     ├── ModelError             a model package that is missing, invalid or refused
@@ -23,6 +24,7 @@ __all__ = [
     "ConflictError",
     "GeometryError",
     "InputError",
+    "JobNotHeldError",
     "ModelError",
     "NodeError",
     "OutOfSpaceError",
@@ -50,6 +52,15 @@ class OutOfSpaceError(StorageError):
 
 class ConflictError(StorageError):
     pass
+
+
+class JobNotHeldError(ConflictError):
+    """The worker lost its job (lease lapsed, cancelled, claimed by another, not RUNNING).
+
+    Its own class because a worker must refuse its result quietly for exactly
+    this, and record every other conflict (a UID clash while saving) as a failure.
+    A ConflictError still, so handlers written before it keep catching it.
+    """
 
 
 class InputError(NodeError):

@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 
 from storage.audit import audit
 from storage.db import Database
-from storage.errors import ConflictError, InputError
+from storage.errors import InputError, JobNotHeldError
 from storage.models import Job, JobState, RoutingRule, Series, utcnow
 
 __all__ = [
@@ -201,14 +201,14 @@ def claim_next(db: Database, worker: str, *, lease_s: float,
 
 
 def _owned(session: Session, job_id: int, worker: str) -> Job:
-    """The job, locked for update, if ``worker`` still holds it; ConflictError otherwise."""
+    """The job, locked for update, if ``worker`` still holds it; JobNotHeldError otherwise."""
     q = select(Job).where(Job.id == job_id)
     if session.get_bind().dialect.name != "sqlite":
         q = q.with_for_update()
     job = session.scalars(q).first()
     if job is None or job.state != JobState.RUNNING or job.worker != worker[:128]:
         state = "gone" if job is None else f"{job.state.value}, held by {job.worker}"
-        raise ConflictError(f"job {job_id} is no longer held by this worker ({state})")
+        raise JobNotHeldError(f"job {job_id} is no longer held by this worker ({state})")
     return job
 
 
@@ -257,7 +257,7 @@ def fail_job(db: Database, job_id: int, worker: str, *, stage: str, error: str,
     with write_session(db) as session:
         try:
             job = _owned(session, job_id, worker)
-        except ConflictError:
+        except JobNotHeldError:
             return None
         again = retryable and job.attempts < job.max_attempts
         job.state = JobState.QUEUED if again else JobState.FAILED

@@ -1,9 +1,13 @@
-"""Fixtures shared by every test tier."""
+"""Fixtures shared by every test tier, and the markers that say what each test needs.
+
+``make test-fast`` selects ``not peers and not postgres and not slow``;
+tests/support/markers.py says how each marker is derived.
+"""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pydicom
@@ -13,11 +17,27 @@ import sqlalchemy as sa
 from storage import migrate
 from storage.db import Database
 from storage.filestore import FileStore
+from tests.support import markers
 from tests.support.services import POSTGRES_ADMIN_URL, ensure_postgres
 
 # What the node writes is validated strictly; what it reads is real scanner data
 # that is not always valid, so reading stays tolerant (the node's own policy).
 pydicom.config.settings.writing_validation_mode = pydicom.config.RAISE
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    markers.apply_markers(items)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item,
+                            nextitem: pytest.Item | None) -> Generator[None, object, object]:
+    """The running test, for the run-time marker checks of tests/support (markers.needs)."""
+    markers.set_running(item)
+    try:
+        return (yield)
+    finally:
+        markers.set_running(None)
 
 
 @pytest.fixture
@@ -52,6 +72,7 @@ def postgres_admin() -> Iterator[Database]:
 @pytest.fixture
 def postgres_url(postgres_admin: Database) -> Iterator[str]:
     """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
+    markers.needs("postgres", "PostgreSQL")
     name = f"ainode_test_{uuid.uuid4().hex[:12]}"
     with postgres_admin.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
         c.execute(sa.text(f'CREATE DATABASE "{name}"'))

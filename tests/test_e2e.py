@@ -22,12 +22,11 @@ import pydicom
 import pytest
 import sqlalchemy as sa
 
-from node.pacs import Orthanc, orthanc
 from storage.models import AuditEvent, Finding, Job, JobState, Series
 from tests.support.data import repaired_siemens
 from tests.support.net import free_port, wait_for
 from tests.support.node import NodeProc, start_node
-from tests.support.peers import require
+from tests.support.peers import Orthanc, orthanc, require
 
 pytestmark = [pytest.mark.peers, pytest.mark.slow]
 

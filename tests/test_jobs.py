@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from storage import jobs
 from storage.db import Database
-from storage.errors import InputError
+from storage.errors import InputError, JobNotHeldError
 from storage.models import AuditEvent, Job, JobState, RoutingRule, Series, Study, utcnow
 
 UID_ROOT = "1.2.826.0.1.3680043.10.999"
@@ -156,8 +156,11 @@ def test_result_from_a_worker_that_lost_the_job_is_refused(any_db: Database) -> 
     assert jobs.claim_next(any_db, "slow", lease_s=0.001) == job_id
     jobs.requeue_expired(any_db, now=utcnow() + timedelta(seconds=1))
     assert jobs.claim_next(any_db, "fast", lease_s=60) == job_id
-    with pytest.raises(ConflictError), any_db.session() as s:
+    with pytest.raises(ConflictError) as refused, any_db.session() as s:
         jobs.finish_job(s, job_id, "slow")
+    assert isinstance(refused.value, JobNotHeldError)  # claimed by another
+    with pytest.raises(JobNotHeldError, match="gone"), any_db.session() as s:
+        jobs.finish_job(s, job_id + 1000, "slow")
     with any_db.session() as s:
         jobs.finish_job(s, job_id, "fast", note="ok")
     with any_db.session() as s:
@@ -195,6 +198,10 @@ def test_cancel_and_retry(any_db: Database) -> None:
     with any_db.session() as s:
         jobs.cancel_job(s, job_id, actor="admin")
     assert not jobs.renew_lease(any_db, job_id, "w", lease_s=60)  # the worker learns of it
+    # Not RUNNING any more is "not held" too: the worker's result and failure are refused.
+    with pytest.raises(JobNotHeldError, match="cancelled"), any_db.session() as s:
+        jobs.finish_job(s, job_id, "w")
+    assert jobs.fail_job(any_db, job_id, "w", stage="infer", error="x", retryable=True) is None
     with pytest.raises(InputError, match="only queued or running"), any_db.session() as s:
         jobs.cancel_job(s, job_id, actor="admin")
     with any_db.session() as s:

@@ -20,9 +20,9 @@ from node.orchestration import (
     route_series,
 )
 from node.routing import RuleSpec
+from node.routing import store as rule_store
 from node.worker import Worker
 from storage import jobs as job_store
-from storage import rules as rule_store
 from storage.db import Database
 from storage.filestore import FileStore
 from storage.models import (
@@ -234,3 +234,28 @@ def test_scheduler_drives_a_series_from_arrival_to_done(
         assert s.scalar(select(func.count()).select_from(Job)) == 1
     assert events(sqlite_db, uid)[:3] == ["series.completed", "series.routed", "job.created"]
     assert job_store.requeue_expired(sqlite_db) == []
+
+
+def test_the_node_service_completes_series_with_the_one_close_series(
+        data_dir: Path) -> None:
+    """NodeService schedules orchestration's close_series on its own tick; it has no other."""
+    from node.service import NodeService
+    from tests.support.net import free_port
+
+    config = NodeConfig(dicom={"host": "127.0.0.1", "port": free_port()},
+                        storage={"data_dir": data_dir, "min_free_mb": 0},
+                        series={"stable_age_s": 10})
+    service = NodeService(config, workers=1, completion_interval_s=0.2, run_jobs=False)
+    assert not hasattr(service, "complete_series")
+    service.start()
+    try:
+        ids = {job.id for job in service.scheduler.get_jobs()}
+        assert "ainode.close_series" in ids and "series-completion" not in ids
+        close = service.scheduler.get_job("ainode.close_series")
+        assert close.trigger.interval.total_seconds() == pytest.approx(0.2)
+        uid = add_series(service.db, 1, Modality="CT", state=SeriesState.RECEIVING, ago_s=3600)
+        wait_for(lambda: state_of(service.db, uid) != SeriesState.RECEIVING, timeout=30,
+                 what="the quiet series to complete")
+        assert events(service.db, uid)[0] == "series.completed"
+    finally:
+        service.stop(grace_s=1)

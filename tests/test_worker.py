@@ -13,6 +13,7 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -20,10 +21,11 @@ import pytest
 from sqlalchemy import func, select
 
 from node.config import NodeConfig
+from node.jobs import JobDeps, run_job
 from node.orchestration import record_turnaround
 from node.worker import Worker
-from pipelines import registry
-from pipelines.results import AlgorithmInfo, AnalysisResult, Lesion
+from pipelines import registry, results
+from pipelines.results import AlgorithmInfo, AnalysisResult
 from storage import jobs as job_store
 from storage.db import Database
 from storage.errors import GeometryError
@@ -48,6 +50,11 @@ from tests.support.net import wait_for
 SERIES = "ct_phantom_philips"
 SLEEP_ENV = "AINODE_TEST_PIPELINE_SLEEP_S"
 
+ANATOMY = results.Code("SCT", "91723000", "Anatomical Structure")
+ORGAN = results.Code("SCT", "15776009", "Pancreas")
+ABNORMAL = results.Code("SCT", "49755003", "Morphologically Abnormal Structure")
+NEOPLASM = results.Code("SCT", "108369006", "Neoplasm")
+
 
 class ThresholdPipeline:
     """Finds the brightest structure by a fixed HU threshold: deterministic, instant, no model.
@@ -57,6 +64,9 @@ class ThresholdPipeline:
 
     name = "test-threshold"
     min_slices = 3
+
+    def __init__(self, *, models_dir: Path | None = None, device: str = "auto") -> None:
+        self.models_dir, self.device = models_dir, device  # a factory's contract; unused
 
     def model_version(self) -> str:
         return "threshold-1"
@@ -75,10 +85,14 @@ class ThresholdPipeline:
             pipeline=self.name,
             algorithm=AlgorithmInfo("ainode test-threshold", self.model_version()),
             source_sop_instance_uids=list(volume.sop_instance_uids),  # type: ignore[attr-defined]
-            patient_score=0.8,
-            pancreas_found=True,
-            pancreas_mask=organ,
-            lesions=[Lesion(1, lesion, 0.8, 20.0, 0.5, (0.0, 0.0, 0.0), "head", 40.0)],
+            segments=[results.Segment("organ", "Organ", ANATOMY, ORGAN, organ),
+                      results.Segment("lesion-1", "Lesion 1", ABNORMAL, NEOPLASM, lesion)],
+            findings=[
+                results.ScoredFinding("patient-level", "test score", results.PROBABILITY, 0.8),
+                results.ScoredFinding("lesion-1", "lesion", results.PROBABILITY, 0.8,
+                                      kind="lesion", segment="lesion-1", location="head",
+                                      size_mm=20.0, volume_ml=0.5),
+            ],
         )
 
 
@@ -129,6 +143,11 @@ def queue_job(db: Database, series_id: int, pipeline: str = "test-threshold", *,
                                    shadow=shadow)
         job, _ = job_store.ensure_job(s, s.get_one(Series, series_id), req)
         return job.id
+
+
+def job_deps(db: Database, store: FileStore) -> JobDeps:
+    """What another runner than Worker (a task queue) hands run_job."""
+    return JobDeps(db, store, NodeConfig(storage={"data_dir": store.data_dir}), device="cpu")
 
 
 def make_worker(db: Database, store: FileStore, **kw: object) -> Worker:
@@ -263,3 +282,72 @@ def test_live_rule_queues_transfers_for_the_kinds_its_destination_accepts(
         transfers = list(s.scalars(select(Transfer)))
         assert len(transfers) == 2 and {t.state for t in transfers} == {"pending"}
     assert record_turnaround(sqlite_db) == 0  # not delivered until every transfer is accepted
+
+
+def test_run_job_is_a_plain_function_after_any_claim(
+        sqlite_db: Database, filestore: FileStore) -> None:
+    """What another runner (a task queue) does: claim under its own name, call run_job."""
+    job_id = queue_job(sqlite_db, spool_series(sqlite_db, filestore))
+    assert job_store.claim_next(sqlite_db, "task-7", lease_s=60) == job_id
+    stages: list[str] = []
+    outcome = run_job(job_id, "task-7", job_deps(sqlite_db, filestore), on_stage=stages.append)
+    assert stages == ["load", "infer", "write", "save"]
+    assert outcome.job_id == job_id and outcome.model_version == "threshold-1"
+    assert sorted(outcome.outputs) == ["GSPS", "SEG", "SR"] and not outcome.queued
+    with sqlite_db.session() as s:
+        job = s.get_one(Job, job_id)
+        assert job.state == JobState.DONE and job.provenance["claimed_by"] == "task-7"
+        assert job.provenance["device"] == "cpu"
+
+
+def test_run_job_without_the_claim_saves_nothing(
+        sqlite_db: Database, filestore: FileStore) -> None:
+    from storage.errors import JobNotHeldError
+
+    job_id = queue_job(sqlite_db, spool_series(sqlite_db, filestore))
+    assert job_store.claim_next(sqlite_db, "holder", lease_s=60) == job_id
+    with pytest.raises(JobNotHeldError):
+        run_job(job_id, "intruder", job_deps(sqlite_db, filestore))
+    with sqlite_db.session() as s:
+        job = s.get_one(Job, job_id)
+        assert job.state == JobState.RUNNING and job.worker == "holder"
+        assert job.stage == "claimed"  # the intruder's stages were not recorded either
+        assert s.scalar(select(func.count()).select_from(Output)) == 0
+
+
+def test_a_job_cancelled_mid_run_keeps_its_state_and_no_result(
+        sqlite_db: Database, filestore: FileStore) -> None:
+    from node.jobs.run import default_write
+
+    job_id = queue_job(sqlite_db, spool_series(sqlite_db, filestore))
+
+    def cancel_then_write(*args: Any) -> Any:
+        with sqlite_db.session() as s:
+            job_store.cancel_job(s, job_id, actor="admin")
+        return default_write(*args)
+
+    assert make_worker(sqlite_db, filestore, write=cancel_then_write).run_once() == job_id
+    with sqlite_db.session() as s:
+        job = s.get_one(Job, job_id)
+        assert job.state == JobState.CANCELLED and job.error is None
+        assert s.scalar(select(func.count()).select_from(Output)) == 0
+        assert s.scalar(select(func.count()).select_from(Finding)) == 0
+
+
+def test_a_conflict_that_is_not_about_holding_the_job_fails_it(
+        sqlite_db: Database, filestore: FileStore) -> None:
+    """Only JobNotHeldError means "not held"; any other conflict is the job's failure."""
+    from storage.errors import ConflictError
+
+    job_id = queue_job(sqlite_db, spool_series(sqlite_db, filestore))
+
+    def clash(*_: Any) -> Any:
+        raise ConflictError("a different object under an existing UID")
+
+    assert make_worker(sqlite_db, filestore, write=clash).run_once() == job_id
+    with sqlite_db.session() as s:
+        job = s.get_one(Job, job_id)
+        assert job.state == JobState.QUEUED and job.attempts == 1  # retryable
+        assert job.stage == "write" and "existing UID" in (job.error or "")
+        retry = s.scalars(select(AuditEvent).where(AuditEvent.event == "job.retry")).one()
+        assert retry.job_id == job_id

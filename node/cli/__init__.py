@@ -1,7 +1,9 @@
 """The ``ainode`` command line: the only place that configures logging and exits.
 
-Every command takes the global ``--config FILE`` (or the embedded defaults),
-prints tables by default and JSON with ``--json``, and turns a NodeError into
+Every command takes ``--config FILE`` (or the embedded defaults), before or
+after its name (``ainode --config F serve`` and ``ainode serve --config F``
+both work: users type either), prints tables by default and JSON with
+``--json``, and turns a NodeError into
 a one-line message and an exit code: 2 for refused input or configuration, 1
 for a failure while doing the work.
 """
@@ -10,9 +12,11 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+import typer.main
+from typer.core import TyperGroup
 
 from node import __version__
 from node.cli import (
@@ -33,11 +37,69 @@ from node.cli import (
     worker_cmd,
 )
 from node.cli.context import AppContext
+from node.cli.context import get as get_context
 from storage.errors import ConfigError, InputError, NodeError
 
 __all__ = ["app", "main"]
 
+_CONFIG_HELP = "YAML config file (default: embedded defaults)"
+
+
+def _late_config(ctx: typer.Context, value: Path | None) -> None:
+    """``--config`` after a command name: the same setting as before it.
+
+    The root callback has run by now (click invokes a group before parsing its
+    subcommand), so the AppContext exists and nothing has loaded the config yet.
+    A file given on the command line wins over AINODE_CONFIG; two different
+    files on one command line are a usage error, not a silent choice.
+    """
+    if value is None:
+        return
+    app_ctx = get_context(ctx)
+    if app_ctx.config_explicit and app_ctx.config_path != value:
+        raise typer.BadParameter(
+            f"given twice with different files ({app_ctx.config_path}, {value})")
+    app_ctx.config_path = value
+    app_ctx.config_explicit = True
+
+
+def _config_option() -> Any:
+    """A fresh ``--config`` option, built by typer itself from a one-parameter command.
+
+    Why this way: typer has no option shared by all commands, and its click is
+    vendored, so an option made by hand would not fit its contexts.
+    """
+    probe = typer.Typer(add_completion=False)
+
+    @probe.command()
+    def _probe(config: Annotated[Path | None, typer.Option(
+            "--config", "-c", callback=_late_config,
+            help=f"{_CONFIG_HELP}; also accepted before the command")] = None) -> None:
+        pass
+
+    (option,) = [p for p in typer.main.get_command(probe).params if p.name == "config"]
+    option.expose_value = False  # the callback stores it; commands never see it
+    return option
+
+
+def _add_config_option(command: Any) -> None:
+    if not any(p.name == "config" for p in command.params):
+        command.params.append(_config_option())
+    for sub in getattr(command, "commands", {}).values():
+        _add_config_option(sub)
+
+
+class _RootGroup(TyperGroup):
+    """The root command; it gives every command below it (any depth) a ``--config``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for command in self.commands.values():
+            _add_config_option(command)
+
+
 app = typer.Typer(
+    cls=_RootGroup,
     name="ainode",
     help="dicom-ai-node: a PACS-integrated DICOM AI node (research use, not a medical device).",
     no_args_is_help=True,
@@ -75,14 +137,16 @@ def _root(
     ctx: typer.Context,
     config: Annotated[
         Path | None,
-        typer.Option("--config", "-c", help="YAML config file (default: embedded defaults)",
-                     envvar="AINODE_CONFIG", exists=False),
+        typer.Option("--config", "-c", help=_CONFIG_HELP, envvar="AINODE_CONFIG",
+                     exists=False),
     ] = None,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = False,
 ) -> None:
-    ctx.obj = AppContext(config_path=config)
+    source = ctx.get_parameter_source("config")
+    explicit = getattr(source, "name", "") == "COMMANDLINE"  # not from AINODE_CONFIG
+    ctx.obj = AppContext(config_path=config, config_explicit=explicit)
 
 
 def exit_code(exc: NodeError) -> int:

@@ -18,6 +18,9 @@ __all__ = ["AppContext", "get"]
 @dataclass
 class AppContext:
     config_path: Path | None = None
+    # Given on the command line (not from AINODE_CONFIG): a second, different
+    # --config after the command name is then refused (node.cli).
+    config_explicit: bool = False
     _config: NodeConfig | None = field(default=None, repr=False)
     _db: Database | None = field(default=None, repr=False)
 

@@ -11,8 +11,8 @@ from sqlalchemy.orm import selectinload
 from node.cli.context import get
 from node.cli.output import emit
 from node.orchestration import evaluate_series, registry_model_version
+from node.routing import store as rule_store
 from storage import jobs as job_store
-from storage import rules as rule_store
 from storage.audit import os_actor
 from storage.errors import InputError
 from storage.models import Finding, Job, JobState, Output, Series, Transfer

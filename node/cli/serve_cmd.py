@@ -14,7 +14,8 @@ from typing import Annotated
 import typer
 
 from node.cli.context import get
-from node.service import NodeService, default_workers
+from node.network.pool import default_workers
+from node.service import NodeService
 
 __all__ = ["serve"]
 

@@ -1,4 +1,4 @@
-"""An extra receiver process: ``python -m node.network.worker`` (started by NodeService).
+"""An extra receiver process: ``python -m node.network.worker`` (started by node.network.pool).
 
 Why processes: pynetdicom's receive path is pure Python and holds the GIL,
 so one process uses one core however many associations it runs. An extra

@@ -1,4 +1,7 @@
-"""Free loopback ports and bounded waiting: no test waits forever."""
+"""Free loopback ports and bounded waiting: no test waits forever.
+
+The demo needs both as well (node.pacs), so they are defined there once.
+"""
 
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from storage.db import Database
+from tests.support.markers import peer_entry
 from tests.support.net import free_port, wait_for
 from tests.support.peers import dcmtk_env, require
 
@@ -58,21 +59,24 @@ class NodeProc:
                               capture_output=True, text=True, timeout=120)
 
 
+@peer_entry("echoscu")
 def echo_ok(port: int, aet: str = "ECHOSCU") -> bool:
     r = subprocess.run([require("echoscu"), "-aet", aet, "-aec", "AINODE", "127.0.0.1",
                         str(port)], env=dcmtk_env(), capture_output=True, timeout=30)
     return r.returncode == 0
 
 
+@peer_entry("`ainode serve` as a subprocess (probed with echoscu)")
 def start_node(tmp: Path, *, min_free_mb: int = 0, workers: int = 2,
                data_dir: Path | None = None, port: int | None = None,
                callers: list[str] | None = None, stable_age_s: float = STABLE_AGE_S,
                extra: dict[str, Any] | None = None, serve_args: tuple[str, ...] = (),
-               ready_timeout: float = 90) -> NodeProc:
+               ready_timeout: float = 90, config_after: bool = False) -> NodeProc:
     """Start `ainode serve` with a config written for this test; returns once it answers echo.
 
     ``extra`` adds top-level config sections (e.g. destinations); ``serve_args``
-    adds `ainode serve` options (e.g. --no-jobs).
+    adds `ainode serve` options (e.g. --no-jobs); ``config_after`` passes
+    ``--config`` after ``serve`` instead of before it.
     """
     data_dir = data_dir or tmp / "node-data"
     port = port or free_port()
@@ -88,8 +92,9 @@ def start_node(tmp: Path, *, min_free_mb: int = 0, workers: int = 2,
     }))
     log = tmp / f"node-{time.monotonic_ns()}.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen([*AINODE, "--config", str(cfg), "serve", "--workers",
-                                 str(workers), *serve_args], cwd=REPO, stdout=out,
+        serve = ["serve", "--workers", str(workers), *serve_args]
+        args = [*serve, "--config", str(cfg)] if config_after else ["--config", str(cfg), *serve]
+        proc = subprocess.Popen([*AINODE, *args], cwd=REPO, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     node = NodeProc(proc, port, data_dir, cfg, log)
 
