@@ -12,10 +12,10 @@ STAMP := $(VENV)/.installed
 PEERS := dcmtk orthanc dicom3tools
 PYTEST_ARGS ?=
 
-.PHONY: help venv peers services test demo lint bench bench-ingest bench-preprocess bench-writers bench-pipeline train-demo clean
+.PHONY: help venv peers services test test-fast demo lint bench bench-ingest bench-preprocess bench-writers bench-pipeline train-demo clean
 
 help:
-	@echo "make demo | test | lint | bench | train-demo | clean"
+	@echo "make demo | test | test-fast | lint | bench | train-demo | clean"
 
 # The venv is rebuilt when pyproject.toml changes. torch goes first and pinned:
 # it resolves to the local CPU wheel, so nothing can pull a CUDA build.
@@ -49,12 +49,18 @@ services:
 test: $(STAMP) peers services
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Pure functions and in-process tests: no DICOM peers, no PostgreSQL, nothing slow
+# (the markers are derived in tests/support/markers.py); under 2 minutes on 2 cores.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not peers and not postgres and not slow" $(PYTEST_ARGS)
+
 demo: $(STAMP) peers
 	$(BIN)/ainode demo $(if $(SERIES),--series "$(SERIES)",)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 bench: $(STAMP) peers
 	@ls bench/*.py >/dev/null 2>&1 && for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b; done

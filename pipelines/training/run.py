@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.results import TUMOUR_TYPES
+from pipelines.pancreas.output import TUMOUR_TYPES
 from pipelines.training.data import (
     find_cases,
     read_case,
