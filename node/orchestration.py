@@ -4,7 +4,9 @@ Each task reads its work from rows and commits a state change, so it can run
 in any order, on any interval, be interrupted at any point and run again:
 
 * ``close_series``   receiving -> complete once a series is quiet for the stable age
-* ``route_series``   complete -> routed: evaluate the rules, one Job per matched rule
+* ``route_series``   complete -> routed: evaluate the rules, one Job per matched rule;
+                     a series that is no image (localizer, Secondary Capture, derived,
+                     colour, a result object) is routed with no job and its reason
 * ``dispatch_jobs``  requeue jobs whose worker died; run queued jobs when this process
                      has an in-process worker (``ainode worker`` runs them otherwise)
 * ``send_results``   retry due transfers (node.send) and record per-job turnaround
@@ -30,15 +32,18 @@ from sqlalchemy import exists, func, select
 from sqlalchemy.orm import Session, selectinload
 
 from node.config import NodeConfig
-from node.routing import RuleSpec, evaluate_rule, referenced_keys, series_attributes
+from node.routing import RuleSpec, evaluate_rule, opts_in, referenced_keys, series_attributes
 from node.routing.rules import RuleEvaluation
 from node.routing.store import current_rules, rule_key, spec_of
 from pipelines import registry
+from pipelines.dicom_out import registry as writers
 from storage import jobs as job_store
 from storage.audit import audit
 from storage.db import Database
-from storage.errors import ModelError, NodeError
+from storage.errors import InputError, ModelError, NodeError
 from storage.filestore import FileStore
+from storage.image_kind import NotAnImage, not_an_image
+from storage.ingest.header import header_attributes, read_file_header
 from storage.models import (
     Instance,
     Job,
@@ -139,6 +144,7 @@ class RoutingOutcome:
     jobs_created: tuple[int, ...]
     jobs_existing: tuple[int, ...]
     deferred: bool = False  # a matched rule's own stable age has not passed yet
+    skipped: str | None = None  # why a matched series got no job: it is no image series
 
 
 def evaluate_series(session: Session, series: Series, specs: Sequence[RuleSpec],
@@ -197,12 +203,23 @@ def _route_one(session: Session, services: Services, series: Series,
               rules={ev.rule: ev.explain() for ev in evaluations})
         log.info("series matched no rule", extra={"series_uid": series.series_instance_uid})
         return RoutingOutcome(series.series_instance_uid, tuple(evaluations), (), ())
+    skipped = _not_an_image(session, series, services.store)
+    held_back: dict[str, str] = {}
+    if skipped is not None:
+        decisive = _decisive(skipped, series)
+        held_back = {rule_key(r): skipped.reason for r, s in matched if not opts_in(s, decisive)}
+        matched = [(r, s) for r, s in matched if opts_in(s, decisive)]
+        if not matched:
+            return _skip(session, series, skipped, sorted(held_back), evaluations, now)
     created: list[int] = []
     existing: list[int] = []
     # The routing decision is recorded before the jobs it creates, so the audit
     # trail reads in causal order: ... -> series.routed -> job.created -> ...
     routed = audit(session, "series.routed", actor="scheduler", study_uid=study_uid,
                    series_uid=series_uid, rules=[rule_key(r) for r, _ in matched])
+    if skipped is not None:  # routed on purpose by a rule that names what it is
+        routed.details = {**routed.details, "not_an_image": skipped.to_dict(),
+                          "rules_skipped": held_back}
     session.flush()
     for row, spec in matched:
         req = job_store.JobRequest(
@@ -217,11 +234,71 @@ def _route_one(session: Session, services: Services, series: Series,
     if series.completed_at is None:
         series.completed_at = now
     series.state = SeriesState.ROUTED
+    series.skip_reason = None  # routed now, whatever an earlier routing of it said
     routed.details = {**routed.details, "jobs_created": created, "jobs_existing": existing}
     log.info("series routed", extra={"series_uid": series.series_instance_uid,
                                      "jobs_created": created, "jobs_existing": existing})
     return RoutingOutcome(series.series_instance_uid, tuple(evaluations), tuple(created),
                           tuple(existing))
+
+
+def _not_an_image(session: Session, series: Series, store: FileStore | None) -> NotAnImage | None:
+    """Why ``series`` is no image series to send to a pipeline (storage.image_kind), or None.
+
+    The stored attributes are those of the first instance received. A
+    localizer first in a series that goes on with axial images is a mixed
+    series the volume loader copes with (it drops the localizer slices), so
+    for a localizer one more header is read, the last instance received, and
+    the series is routed when that one is an image.
+    """
+    results = writers.result_sop_classes()
+    attrs = {**(series.attributes or {}), "Modality": series.modality}
+    kind = not_an_image(attrs, result_sop_classes=results)
+    if kind is None or kind.kind != "localizer" or series.instance_count < 2 or store is None:
+        return kind
+    last = session.scalars(select(Instance).where(Instance.series_id == series.id)
+                           .order_by(Instance.id.desc()).limit(1)).first()
+    if last is None:
+        return kind
+    try:
+        other = header_attributes(read_file_header(store.spool_path(last.path)))
+    except InputError as exc:
+        log.warning("cannot read a second header to check a localizer: %s", exc)
+        return kind
+    if not_an_image({**other, "Modality": series.modality}, result_sop_classes=results) is None:
+        log.info("series starts with a localizer but holds images; routed",
+                 extra={"series_uid": series.series_instance_uid})
+        return None
+    return kind
+
+
+def _decisive(kind: NotAnImage, series: Series) -> dict[str, Any]:
+    """The attributes a rule must name to route this non-image series on purpose."""
+    decisive: dict[str, Any] = {kind.keyword: kind.value}
+    if kind.kind == "result object" and series.modality:
+        decisive["Modality"] = series.modality
+    return decisive
+
+
+def _skip(session: Session, series: Series, kind: NotAnImage, rules: list[str],
+          evaluations: Sequence[RuleEvaluation], now: datetime) -> RoutingOutcome:
+    """Routed with no job: the series is no image a pipeline can judge, and says why.
+
+    Not a failed job: nothing went wrong, and a job that can only fail would
+    send the admin looking for a fault that is not there.
+    """
+    series.state = SeriesState.ROUTED
+    series.skip_reason = kind.reason[:256]
+    if series.completed_at is None:
+        series.completed_at = now
+    audit(session, "series.skipped", actor="scheduler",
+          study_uid=series.study.study_instance_uid, series_uid=series.series_instance_uid,
+          reason=kind.reason, kind=kind.kind, keyword=kind.keyword, value=kind.value,
+          rules=rules)
+    log.info("series skipped: not an image series", extra={
+        "series_uid": series.series_instance_uid, "reason": kind.reason})
+    return RoutingOutcome(series.series_instance_uid, tuple(evaluations), (), (),
+                          skipped=kind.reason)
 
 
 def _version(versions: dict[str, str], services: Services, pipeline: str) -> str:

@@ -88,6 +88,13 @@ class Volume:
     series_instance_uid: str
     study_instance_uid: str
     frame_of_reference_uid: str | None
+    # What the series says it shows, from the first header: the applicability check of
+    # a pipeline (pancreas: "is this an abdomen?") reads these before any model runs.
+    # Empty when absent; a hospital may leave them empty, so they only ever *refuse*
+    # (BRAIN for an abdominal model), never prove a series fit.
+    body_part: str = ""  # BodyPartExamined, upper case
+    anatomic_region: str = ""  # AnatomicRegionSequence[0] code meaning, upper case
+    image_type: tuple[str, ...] = ()  # ImageType values, upper case
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -131,6 +138,9 @@ class Volume:
             series_instance_uid=like.series_instance_uid,
             study_instance_uid=like.study_instance_uid,
             frame_of_reference_uid=like.frame_of_reference_uid,
+            body_part=like.body_part,
+            anatomic_region=like.anatomic_region,
+            image_type=like.image_type,
         )
 
 
@@ -286,6 +296,24 @@ def _slices_of(path: Path, ds: Dataset) -> list[_Slice]:
             instance_number=number,
         )
     ]
+
+
+def _anatomic_region(ds: Dataset) -> str:
+    """The first Anatomic Region Sequence item's code meaning (upper case), or empty."""
+    try:
+        items = ds.get("AnatomicRegionSequence") or []
+        return str(items[0].get("CodeMeaning", "") or "").strip().upper() if items else ""
+    except (AttributeError, IndexError, TypeError):
+        return ""
+
+
+def _image_type(ds: Dataset) -> tuple[str, ...]:
+    """ImageType as upper-case values (one string when the header holds a single value)."""
+    value = ds.get("ImageType")
+    if value is None:
+        return ()
+    values = [value] if isinstance(value, str) or not isinstance(value, Sequence) else value
+    return tuple(str(v).strip().upper() for v in values)
 
 
 def _read_header(path: Path) -> Dataset:
@@ -572,6 +600,9 @@ def load_series(paths: Sequence[Path], *, min_slices: int = 1) -> Volume:
         series_instance_uid=ref.series_instance_uid,
         study_instance_uid=_text(first, "StudyInstanceUID"),
         frame_of_reference_uid=_text(first, "FrameOfReferenceUID") or None,
+        body_part=_text(first, "BodyPartExamined").upper(),
+        anatomic_region=_anatomic_region(first),
+        image_type=_image_type(first),
     )
     log.debug(
         "volume built",

@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session
 from storage.audit import audit
 from storage.db import Database
 from storage.errors import InputError, JobNotHeldError
-from storage.models import Job, JobState, RoutingRule, Series, utcnow
+from storage.models import Job, JobOutcome, JobState, RoutingRule, Series, utcnow
 
 __all__ = [
     "ACTIVE_STATES",
@@ -232,18 +232,35 @@ def set_stage(db: Database, job_id: int, worker: str, stage: str) -> None:
         )
 
 
-def finish_job(session: Session, job_id: int, worker: str, **provenance: Any) -> Job:
-    """Mark DONE in the caller's transaction (with its outputs and findings, or none of them)."""
+def finish_job(session: Session, job_id: int, worker: str, *,
+               outcome: JobOutcome = JobOutcome.ASSESSED, outcome_reason: str | None = None,
+               **provenance: Any) -> Job:
+    """Mark DONE in the caller's transaction (with its outputs and findings, or none of them).
+
+    ``outcome`` is the pipeline's verdict. A not-assessable job is DONE, not
+    FAILED: the pipeline ran and reported, in its SR, why it could not judge
+    the series, and retrying would give the same answer. It gets its own
+    audit event, ``job.not_assessable`` with the reason, so an admin finds
+    those series without reading every report.
+    """
+    if outcome == JobOutcome.NOT_ASSESSABLE and not outcome_reason:
+        raise ValueError("a not-assessable job needs the reason")
     job = _owned(session, job_id, worker)
     job.state = JobState.DONE
     job.stage = "done"
     job.error = None
     job.finished_at = utcnow()
     job.lease_expires_at = None
+    job.outcome = outcome
+    job.outcome_reason = outcome_reason
     job.provenance = {**job.provenance, **provenance}
     audit(session, "job.done", actor=worker[:128], job_id=job.id, attempt=job.attempts,
-          **_series_uids(job))
-    log.info("job done", extra={"job_id": job.id})
+          job_outcome=outcome.value, **_series_uids(job))
+    if outcome == JobOutcome.NOT_ASSESSABLE:
+        audit(session, "job.not_assessable", outcome="warning", actor=worker[:128],
+              job_id=job.id, reason=(outcome_reason or "")[:2000], pipeline=job.pipeline,
+              **_series_uids(job))
+    log.info("job done", extra={"job_id": job.id, "outcome": outcome.value})
     return job
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "Finding",
     "Instance",
     "Job",
+    "JobOutcome",
     "JobState",
     "Output",
     "RoutingRule",
@@ -117,6 +118,13 @@ class JobState(enum.StrEnum):
     CANCELLED = "cancelled"
 
 
+class JobOutcome(enum.StrEnum):
+    """A done job's verdict: the pipeline judged the series, or said why it could not."""
+
+    ASSESSED = "assessed"
+    NOT_ASSESSABLE = "not_assessable"
+
+
 class TransferState(enum.StrEnum):
     PENDING = "pending"
     SENT = "sent"
@@ -168,6 +176,10 @@ class Series(Base):
     last_received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     completed_at: Mapped[datetime | None]
     reopened_count: Mapped[int] = mapped_column(default=0)
+    # Why routing made no job for this series although it is routed: it is no image a
+    # pipeline can judge (storage.image_kind), e.g. "a localizer (ImageType ...)".
+    # None for a series routed, unmatched, or routed before this column existed.
+    skip_reason: Mapped[str | None] = mapped_column(String(256))
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series")
@@ -269,6 +281,12 @@ class Job(Base):
     worker: Mapped[str | None] = mapped_column(String(128))  # who claimed it
     lease_expires_at: Mapped[datetime | None]
     provenance: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # What a DONE job's pipeline concluded: "assessed", or "not_assessable" with the
+    # reason (the series is outside what the models can judge; the SR says so). Set
+    # with DONE; None while unfinished, for failed jobs and for rows older than it.
+    outcome: Mapped[JobOutcome | None] = mapped_column(_enum(JobOutcome, "job_outcome"),
+                                                       index=True)
+    outcome_reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]

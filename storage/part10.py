@@ -64,6 +64,7 @@ _DICT: dict[str, tuple[int, str]] = {
     "SeriesInstanceUID": (0x0020000E, "UI"),
     "SeriesNumber": (0x00200011, "IS"),
     "InstanceNumber": (0x00200013, "IS"),
+    "PhotometricInterpretation": (0x00280004, "CS"),
     "Rows": (0x00280010, "US"),
     "Columns": (0x00280011, "US"),
     "PixelSpacing": (0x00280030, "DS"),

@@ -31,7 +31,7 @@ from tests.support.peers import Orthanc, orthanc, require
 pytestmark = [pytest.mark.peers, pytest.mark.slow]
 
 PACS_AET = "E2EPACS"
-WANTED = {"SEG", "SR", "PR"}  # PR: the Grayscale Softcopy Presentation State
+WANTED = frozenset({"SEG", "SR", "PR"})  # PR: the Grayscale Softcopy Presentation State
 
 
 @dataclass
@@ -113,7 +113,8 @@ def _dciodvfy_errors(path: Path) -> list[str]:
     return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Error")]
 
 
-def _round_trip(loop: Loop, files: list[Path], tag: str) -> tuple[str, str]:
+def _round_trip(loop: Loop, files: list[Path], tag: str,
+                wanted: frozenset[str] = WANTED) -> tuple[str, str]:
     """Send one series around the loop; returns (Orthanc study id, SeriesInstanceUID)."""
     first = pydicom.dcmread(files[0], stop_before_pixels=True)
     series_uid = str(first.SeriesInstanceUID)
@@ -121,7 +122,7 @@ def _round_trip(loop: Loop, files: list[Path], tag: str) -> tuple[str, str]:
 
     def results_back() -> dict[str, list[str]] | None:
         mods = _modalities(loop.pacs, study)
-        if set(mods) >= WANTED:
+        if set(mods) >= wanted:
             return mods
         jobs = _jobs(loop.node, series_uid)
         if any(j.state is JobState.FAILED for j in jobs):
@@ -129,7 +130,7 @@ def _round_trip(loop: Loop, files: list[Path], tag: str) -> tuple[str, str]:
         return None
 
     mods = wait_for(results_back, timeout=900, interval=2, what=f"{tag} results in Orthanc")
-    for modality in sorted(WANTED):
+    for modality in sorted(wanted):
         for instance in mods[modality]:
             target = loop.workdir / f"{tag}-{modality}-{instance}.dcm"
             req = loop.pacs.url + f"/instances/{instance}/file"
@@ -180,11 +181,21 @@ def test_phantom_study_round_trip_pacs_to_pacs(loop: Loop, tmp_path: Path) -> No
 
 
 def test_real_abdominal_ct_round_trip(loop: Loop, tmp_path: Path) -> None:
+    """The shipped demo weights were trained on phantoms only, and on this real scan their
+    stage 1 does not find a plausible pancreas: the node must say "not assessable" (an
+    SR with the reason, no SEG, no lesion) rather than report lesions it invented. When
+    weights that know real anatomy ship, this becomes an assessed round trip again."""
     folder = repaired_siemens(tmp_path)
     files = sorted(folder.glob("*.dcm"))
-    _study, series_uid = _round_trip(loop, files, "siemens")
+    study, series_uid = _round_trip(loop, files, "siemens", wanted=frozenset({"SR"}))
     jobs = _jobs(loop.node, series_uid)
     assert len(jobs) == 1 and jobs[0].state is JobState.DONE
+    assert jobs[0].outcome == "not_assessable" and jobs[0].outcome_reason
+    mods = _modalities(loop.pacs, study)
+    assert "SEG" not in mods
+    (sr_id,) = mods["SR"]
+    sr = pydicom.dcmread(loop.workdir / f"siemens-SR-{sr_id}.dcm")
+    assert "Not assessable" in str(sr.ContentSequence)
     db = loop.node.db
     try:
         with db.session() as s:
@@ -192,7 +203,7 @@ def test_real_abdominal_ct_round_trip(loop: Loop, tmp_path: Path) -> None:
                                                .where(Finding.job_id == jobs[0].id))}
     finally:
         db.dispose()
-    assert "patient" in kinds  # a well-formed result: a score, pancreas found or not
+    assert "lesion" not in kinds  # a well-formed result: the reason, never a lesion
 
 
 def test_node_killed_mid_job_finishes_it_exactly_once_after_restart(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -243,3 +244,68 @@ def make_series_more(db: Database) -> list[int]:
         s.add(series)
         s.flush()
         return [series.id]
+
+
+def test_a_not_assessable_job_is_done_with_its_outcome_reason_and_audit_event(
+        any_db: Database) -> None:
+    """Not assessable is a verdict of a DONE job, not a failure; it is audited on its own."""
+    from storage.models import JobOutcome
+
+    sids = make_series(any_db, 2)
+    rule = make_rule(any_db)
+    ids = [ensure(any_db, sid, request(any_db, rule))[0] for sid in sids]
+    for _ in ids:
+        assert jobs.claim_next(any_db, "w1", lease_s=60) in ids
+    with any_db.session() as s, pytest.raises(ValueError, match="needs the reason"):
+        jobs.finish_job(s, ids[0], "w1", outcome=JobOutcome.NOT_ASSESSABLE)
+    with any_db.session() as s:
+        jobs.finish_job(s, ids[0], "w1", outcome=JobOutcome.NOT_ASSESSABLE,
+                        outcome_reason="body part BRAIN is not covered by this model")
+        jobs.finish_job(s, ids[1], "w1")
+    with any_db.session() as s:
+        na, ok = s.get_one(Job, ids[0]), s.get_one(Job, ids[1])
+        assert (na.state, na.outcome, na.outcome_reason) == (
+            JobState.DONE, JobOutcome.NOT_ASSESSABLE,
+            "body part BRAIN is not covered by this model")
+        assert (ok.state, ok.outcome, ok.outcome_reason) == (
+            JobState.DONE, JobOutcome.ASSESSED, None)
+        evs = list(s.scalars(select(AuditEvent).where(AuditEvent.event == "job.not_assessable")))
+        assert [(e.job_id, e.details["reason"], e.outcome) for e in evs] == [
+            (ids[0], "body part BRAIN is not covered by this model", "warning")]
+        assert evs[0].series_uid == f"{UID_ROOT}.2.1"
+        done = {e.job_id: e.details["job_outcome"] for e in s.scalars(
+            select(AuditEvent).where(AuditEvent.event == "job.done"))}
+        assert done == {ids[0]: "not_assessable", ids[1]: "assessed"}
+
+
+def test_jobs_written_before_0002_keep_a_null_outcome(tmp_path: Path) -> None:
+    """Upgrading a database at 0001 keeps its rows; their outcome and skip reason are NULL."""
+    import sqlalchemy as sa
+
+    from storage import migrate
+
+    db = Database(f"sqlite:///{tmp_path / 'old.db'}")
+    try:
+        migrate.upgrade(db, "0001")
+        now = utcnow().isoformat()
+        with db.engine.begin() as conn:
+            conn.execute(sa.text(
+                "INSERT INTO studies (id, study_instance_uid, first_received_at, "
+                "last_received_at) VALUES (1, '1.2.3', :now, :now)"), {"now": now})
+            conn.execute(sa.text(
+                "INSERT INTO series (id, series_instance_uid, study_id, state, instance_count, "
+                "size_bytes, attributes, first_received_at, last_received_at, reopened_count) "
+                "VALUES (1, '1.2.3.4', 1, 'routed', 0, 0, '{}', :now, :now, 0)"), {"now": now})
+            conn.execute(sa.text(
+                "INSERT INTO jobs (id, series_id, rule_key, pipeline, model_version, generation,"
+                " state, priority, shadow, attempts, max_attempts, provenance, created_at) "
+                "VALUES (1, 1, 'r@v1', 'p', 'm', 0, 'done', 0, 0, 1, 3, '{}', :now)"),
+                {"now": now})
+        assert migrate.upgrade(db) == migrate.head_revision()
+        with db.session() as s:
+            job = s.get_one(Job, 1)
+            assert (job.state, job.outcome, job.outcome_reason) == (JobState.DONE, None, None)
+            assert s.get_one(Series, 1).skip_reason is None
+        migrate.upgrade(db, "head")  # idempotent
+    finally:
+        db.dispose()

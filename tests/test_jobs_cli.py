@@ -5,18 +5,32 @@ from __future__ import annotations
 import csv
 import io
 import json
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
+import pydicom
 import pytest
 from sqlalchemy import select
 
 from node.cli.status_cmd import percentile
+from pipelines import registry
+from pipelines.results import AnalysisResult
 from storage import jobs as job_store
 from storage.filestore import FileStore
-from storage.models import Job, JobState, Series, utcnow
+from storage.models import (
+    AuditEvent,
+    Destination,
+    Job,
+    JobState,
+    Output,
+    Series,
+    Transfer,
+    utcnow,
+)
+from tests.support.data import sr_texts
 from tests.test_rules_cli import Node
-from tests.test_worker import spool_series
+from tests.test_worker import ThresholdPipeline, spool_series
 
 
 @pytest.fixture
@@ -136,3 +150,96 @@ def test_claim_helpers_are_wired_to_the_cli_db(node: Node) -> None:
     assert job["id"] == job_id and job["stage"] == "claimed"
     with node.db.session() as s:
         assert s.scalars(select(Job.worker)).one() == "host:1:abc"
+
+
+class NotAssessablePipeline(ThresholdPipeline):
+    """Says it cannot judge the series, yet still hands back a region, a lesion and a score,
+    as a pipeline whose applicability check failed after its models ran may."""
+
+    name = "test-not-assessable"
+    REASON = "body part BRAIN is outside this model's upper-abdomen coverage"
+
+    def run(self, volume: object) -> AnalysisResult:
+        full = super().run(volume)
+        return replace(full, status="not_assessable", reason=self.REASON,
+                       summary_text="Organ implausible; lesion 1 p=0.80")
+
+
+registry.register("test-not-assessable")(NotAssessablePipeline)
+
+
+def test_a_not_assessable_job_reports_only_its_verdict_and_is_counted(node: Node) -> None:
+    """The job is DONE with outcome not_assessable and the reason (jobs list/show, the audit
+    log, status); what it sends is one SR saying "Not assessable: <reason>": no SEG, GSPS
+    or SC, no lesion or score row, and what the pipeline returned besides is kept in the
+    job's provenance."""
+    series_id = spool_series(node.db, store_of(node))
+    with node.db.session() as s:
+        uid = s.get_one(Series, series_id).series_instance_uid
+        # a PACS that takes every kind: whatever is not sent was not written
+        s.add(Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=104,
+                          accepts=["SEG", "SR", "GSPS", "SC"]))
+    node.ok("rules", "add", "ct", "--when", "Modality=CT", "--pipeline", "test-not-assessable",
+            "--send-to", "pacs")
+    node.ok("reprocess", uid)
+    node.ok("worker", "--once")
+    (job,) = node.json("jobs", "list")
+    reason = NotAssessablePipeline.REASON
+    assert (job["state"], job["outcome"], job["outcome_reason"]) == (
+        "done", "not_assessable", reason), job["error"]
+    assert node.json("jobs", "list", "--outcome", "not_assessable") == [job]
+    assert node.json("jobs", "list", "--outcome", "assessed") == []
+    table = node.ok("jobs", "list")
+    assert "not_assessable" in table
+    shown = node.json("jobs", "show", str(job["id"]))[0]
+    assert [o["kind"] for o in shown["outputs"]] == ["SR"]
+    assert [(f["kind"], f["label"], f["probability"]) for f in shown["findings"]] == [
+        ("patient", "not assessable", None)]
+    withheld = shown["provenance"]["withheld_not_assessable"]
+    assert withheld["segments"] == ["organ", "lesion-1"]
+    assert [f["kind"] for f in withheld["findings"]] == ["patient", "lesion"]
+    assert shown["provenance"]["summary"] == f"Not assessable: {reason}"
+    assert "outcome_reason" in node.ok("jobs", "show", str(job["id"]))
+
+    with node.db.session() as s:
+        (out,) = s.scalars(select(Output)).all()
+        (transfer,) = s.scalars(select(Transfer)).all()
+        assert transfer.output_id == out.id  # the SR still goes to PACS
+        ev = s.scalars(select(AuditEvent).where(AuditEvent.event == "job.not_assessable")).one()
+        assert (ev.job_id, ev.details["reason"], ev.series_uid) == (job["id"], reason, uid)
+    sr = pydicom.dcmread(store_of(node).results / out.path)
+    texts = sr_texts(sr)
+    assert f"Not assessable: {reason}" in texts
+    assert not any("lesion" in t.lower() or "p=0.80" in t for t in texts)
+
+    status = node.json("status")[0]
+    assert (status["done"], status["not_assessable"]) == (1, 1)
+    assert (status["done_24h"], status["not_assessable_24h"]) == (1, 1)
+
+
+
+
+def test_status_counts_not_assessable_jobs_and_skipped_series_of_the_last_day(
+        node: Node) -> None:
+    from storage.models import JobOutcome
+
+    series_id = spool_series(node.db, store_of(node))
+    now = utcnow()
+    with node.db.session() as s:
+        series = s.get_one(Series, series_id)
+        for i, (outcome, ago) in enumerate([
+                (JobOutcome.ASSESSED, 1), (JobOutcome.NOT_ASSESSABLE, 1),
+                (JobOutcome.NOT_ASSESSABLE, 1), (JobOutcome.NOT_ASSESSABLE, 72), (None, 1)]):
+            s.add(Job(series=series, rule_key=f"r{i}", pipeline="p", state=JobState.DONE,
+                      outcome=outcome, outcome_reason=None if outcome != JobOutcome.NOT_ASSESSABLE
+                      else "no pancreas", finished_at=now - timedelta(hours=ago)))
+        s.add(Job(series=series, rule_key="f", pipeline="p", state=JobState.FAILED,
+                  finished_at=now))
+        s.add(Series(series_instance_uid="1.2.826.0.1.3680043.10.997.1", study=series.study,
+                     modality="CT", state="routed", completed_at=now,
+                     skip_reason="a localizer (ImageType ORIGINAL\\PRIMARY\\LOCALIZER)"))
+    status = node.json("status")[0]
+    assert (status["done"], status["not_assessable"], status["failed"]) == (5, 3, 1)
+    assert (status["done_24h"], status["not_assessable_24h"]) == (4, 2)
+    assert status["series_skipped_24h"] == 1
+    assert "not_assessable_24h" in node.ok("status")

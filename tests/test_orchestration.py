@@ -259,3 +259,162 @@ def test_the_node_service_completes_series_with_the_one_close_series(
         assert events(service.db, uid)[0] == "series.completed"
     finally:
         service.stop(grace_s=1)
+
+
+# -- series that are no image to analyse -----------------------------------------------------
+
+SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def _variant(src: Path, series_uid: str, k: int, **changes: Any) -> pydicom.Dataset:
+    """A copy of a real CT slice in another series, with ``changes`` applied."""
+    ds = pydicom.dcmread(src)
+    ds.SeriesInstanceUID = series_uid
+    ds.SOPInstanceUID = f"{series_uid}.{k}"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    for keyword, value in changes.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def _secondary_capture(src: Path, series_uid: str, k: int) -> pydicom.Dataset:
+    """An "exam summary" screenshot made from a real CT slice, as a scanner console makes one."""
+    import highdicom as hd
+    import numpy as np
+
+    ref = pydicom.dcmread(src)
+    pixels = ref.pixel_array.astype(np.float32)
+    grey = ((pixels - pixels.min()) / max(float(np.ptp(pixels)), 1.0) * 255).astype(np.uint8)
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref, grey, photometric_interpretation="MONOCHROME2", bits_allocated=8,
+        coordinate_system="PATIENT", patient_orientation=("L", "P"),
+        series_instance_uid=series_uid, series_number=99,
+        sop_instance_uid=f"{series_uid}.{k}", instance_number=k, manufacturer="console")
+    sc.Modality = "CT"  # consoles label their summaries with the scanner's modality
+    return sc
+
+
+def _ingest(db: Database, store: FileStore, datasets: list[pydicom.Dataset]) -> None:
+    """Through the receiver's own path (fast header scan, stored routing attributes)."""
+    from io import BytesIO
+
+    from storage.ingest import Ingestor, Peer
+
+    ingestor = Ingestor(db, store)
+    try:
+        for ds in datasets:
+            buf = BytesIO()
+            ds.save_as(buf, enforce_file_format=True)
+            ingestor.ingest(buf.getvalue(), peer=Peer("MODALITY", "127.0.0.1"),
+                            transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID))
+    finally:
+        ingestor.close()
+
+
+def _series(db: Database, uid: str) -> Series:
+    with db.session() as s:
+        return s.scalars(select(Series).where(Series.series_instance_uid == uid)).one()
+
+
+def _skipped_event(db: Database, uid: str) -> AuditEvent:
+    with db.session() as s:
+        return s.scalars(select(AuditEvent).where(AuditEvent.series_uid == uid,
+                                                  AuditEvent.event == "series.skipped")).one()
+
+
+def test_localizer_secondary_capture_derived_and_colour_series_are_skipped_with_a_reason(
+        sqlite_db: Database, filestore: FileStore) -> None:
+    """Made from a real CT file and received the receiver's way: each is routed with no job
+    and its reason on the series row and in a ``series.skipped`` audit event, never a
+    failed job; the unchanged CT beside them gets its job."""
+    src = sorted(dicom_series_dir("ct_phantom_philips").glob("*.dcm"))[:2]
+    made = {
+        "ct": [_variant(f, f"{ROOT}.5.1", k) for k, f in enumerate(src, 1)],
+        "localizer": [_variant(f, f"{ROOT}.5.2", k, ImageType=["ORIGINAL", "PRIMARY",
+                                                               "LOCALIZER"])
+                      for k, f in enumerate(src, 1)],
+        "sc": [_secondary_capture(f, f"{ROOT}.5.3", k) for k, f in enumerate(src, 1)],
+        "derived": [_variant(f, f"{ROOT}.5.4", k, ImageType=["DERIVED", "SECONDARY", "MPR"])
+                    for k, f in enumerate(src, 1)],
+        "colour": [_variant(f, f"{ROOT}.5.5", k, PhotometricInterpretation="YBR_FULL")
+                   for k, f in enumerate(src, 1)],
+    }
+    _ingest(sqlite_db, filestore, [ds for group in made.values() for ds in group])
+    add_rule(sqlite_db, "Modality=CT")
+    svc = services(sqlite_db, filestore)
+    assert close_series(svc, now=utcnow() + timedelta(seconds=60)) == len(made)
+    outcomes = {o.series_uid: o for o in route_series(svc, now=utcnow() + timedelta(seconds=60))}
+    uid = {name: group[0].SeriesInstanceUID for name, group in made.items()}
+
+    assert len(outcomes[uid["ct"]].jobs_created) == 1
+    assert _series(sqlite_db, uid["ct"]).skip_reason is None
+    expected = {"localizer": ("localizer", "ImageType ORIGINAL\\PRIMARY\\LOCALIZER"),
+                "sc": ("secondary capture", SC_CLASS),
+                "derived": ("derived", "ImageType DERIVED\\SECONDARY\\MPR"),
+                "colour": ("colour", "PhotometricInterpretation YBR_FULL")}
+    for name, (kind, words) in expected.items():
+        series = _series(sqlite_db, uid[name])
+        assert series.state == SeriesState.ROUTED, name
+        assert jobs_of(sqlite_db, uid[name]) == [], name
+        assert outcomes[uid[name]].skipped == series.skip_reason, name
+        assert series.skip_reason is not None and words in series.skip_reason, name
+        ev = _skipped_event(sqlite_db, uid[name])
+        assert (ev.details["kind"], ev.details["reason"]) == (kind, series.skip_reason), name
+        assert ev.details["rules"] == ["abdomen-ct@v1"], name
+        assert events(sqlite_db, uid[name])[-2:] == ["series.completed", "series.skipped"], name
+    with sqlite_db.session() as s:
+        assert s.scalar(select(func.count()).select_from(Job)
+                        .where(Job.state == JobState.FAILED)) == 0
+    assert route_series(svc) == []  # routed: never looked at again
+
+
+def test_a_rule_that_names_the_non_image_value_routes_it_on_purpose(
+        sqlite_db: Database, filestore: FileStore) -> None:
+    svc = services(sqlite_db, filestore)
+    add_rule(sqlite_db, "Modality=CT")  # an ordinary rule: never routes a screenshot
+    add_rule(sqlite_db, f"SOPClassUID={SC_CLASS}", name="summaries", pipeline="ocr")
+    add_rule(sqlite_db, "ImageType~LOCALIZER", name="scouts", pipeline="scout-qa")
+    add_rule(sqlite_db, "ImageType=AXIAL", name="axial", pipeline="pancreas-ct")
+    sc = add_series(sqlite_db, 1, Modality="CT", SOPClassUID=SC_CLASS)
+    scout = add_series(sqlite_db, 2, Modality="CT", ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER",
+                                                               "AXIAL"])
+    derived = add_series(sqlite_db, 3, Modality="CT", ImageType=["DERIVED", "SECONDARY", "AXIAL"])
+    own_sr = add_series(sqlite_db, 4, Modality="SR", SOPClassUID="1.2.840.10008.5.1.4.1.1.88.34")
+    outcomes = {o.series_uid: o for o in route_series(svc)}
+    assert [j.rule_key for j in jobs_of(sqlite_db, sc)] == ["summaries@v1"]
+    assert [j.rule_key for j in jobs_of(sqlite_db, scout)] == ["scouts@v1"]
+    assert outcomes[sc].skipped is None and _series(sqlite_db, sc).skip_reason is None
+    with sqlite_db.session() as s:
+        routed = s.scalars(select(AuditEvent).where(AuditEvent.series_uid == scout,
+                                                    AuditEvent.event == "series.routed")).one()
+    # the rules it was held back from are on record with the reason
+    assert sorted(routed.details["rules_skipped"]) == ["abdomen-ct@v1", "axial@v1"]
+    assert routed.details["not_an_image"]["kind"] == "localizer"
+    # ImageType=AXIAL names a value the derived series has, not the one that makes it derived
+    assert jobs_of(sqlite_db, derived) == [] and outcomes[derived].skipped is not None
+    assert _skipped_event(sqlite_db, derived).details["rules"] == ["abdomen-ct@v1", "axial@v1"]
+    # a result object (this node's own SR class) matched by no rule is simply unrouted
+    assert jobs_of(sqlite_db, own_sr) == [] and "series.unrouted" in events(sqlite_db, own_sr)
+
+
+def test_a_localizer_first_in_a_series_of_images_does_not_skip_it(
+        sqlite_db: Database, filestore: FileStore) -> None:
+    """The stored attributes are the first instance's; a scout sent first in an axial series
+    must not hide the series from its pipeline (the volume loader drops the scout)."""
+    src = sorted(dicom_series_dir("ct_phantom_philips").glob("*.dcm"))[:3]
+    uid = f"{ROOT}.6.1"
+    scout = _variant(src[0], uid, 1, ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"])
+    _ingest(sqlite_db, filestore, [scout, *(_variant(f, uid, k) for k, f in
+                                            enumerate(src[1:], 2))])
+    only_scouts = f"{ROOT}.6.2"
+    _ingest(sqlite_db, filestore, [_variant(f, only_scouts, k, ImageType="LOCALIZER")
+                                   for k, f in enumerate(src[:2], 1)])
+    assert _series(sqlite_db, uid).attributes["ImageType"][-1] == "LOCALIZER"
+    add_rule(sqlite_db, "Modality=CT")
+    svc = services(sqlite_db, filestore)
+    later = utcnow() + timedelta(seconds=60)
+    close_series(svc, now=later)
+    outcomes = {o.series_uid: o for o in route_series(svc, now=later)}
+    assert len(outcomes[uid].jobs_created) == 1 and outcomes[uid].skipped is None
+    assert outcomes[only_scouts].skipped is not None
+    assert jobs_of(sqlite_db, only_scouts) == []

@@ -28,7 +28,10 @@ def ct_pipeline():  # type: ignore[no-untyped-def]
 
 def _check_well_formed(res: PancreasReport, shape: tuple[int, int, int]) -> None:
     assert 0.0 <= res.patient_score <= 1.0
-    if res.pancreas_found:
+    if res.not_assessable is not None:  # refused by the applicability step: nothing reported
+        assert res.lesions == [] and res.summary().startswith("Not assessable: ")
+        assert res.to_result().segments == [] and res.to_result().findings == []
+    elif res.pancreas_found:
         assert res.pancreas_mask is not None and res.pancreas_mask.shape == shape
         assert res.lesion_probability is not None and res.lesion_probability.shape == shape
         for les in res.lesions:

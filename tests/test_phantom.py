@@ -79,3 +79,38 @@ def test_dicom_series_round_trips_through_the_volume_loader(tmp_path: Path) -> N
     assert vol.origin == pytest.approx(p.origin, abs=1e-3)
     assert np.abs(vol.array - np.round(p.image)).max() <= 1.0
     assert len(set(vol.sop_instance_uids)) == len(paths)
+
+
+# Computed from generate() before generate_labelmap() was added (the shipped weights
+# were trained on these phantoms): label sha256, and the image's sum and sum of
+# squares (float64), which a change of the drawing would move.
+_GENERATOR_REFERENCE = {
+    (3, "ct"): ("1d47c5acc5bf0303", -364383333.52300906, 379674625378.0463),
+    (7, "mr_t1"): ("43fcc34967ba402f", 602456215.3012578, 439025210423.2356),
+}
+
+
+@pytest.mark.parametrize(("seed", "contrast"), list(_GENERATOR_REFERENCE))
+def test_generator_output_is_unchanged(seed: int, contrast: str) -> None:
+    import hashlib
+
+    p = generate(PhantomSpec(seed=seed, contrast=contrast))  # type: ignore[arg-type]
+    label_sha, total, squares = _GENERATOR_REFERENCE[(seed, contrast)]
+    assert hashlib.sha256(p.label.tobytes()).hexdigest()[:16] == label_sha
+    img = p.image.astype(np.float64)
+    assert float(img.sum()) == pytest.approx(total, rel=1e-7)
+    assert float((img**2).sum()) == pytest.approx(squares, rel=1e-7)
+
+
+def test_labelmap_is_the_same_phantom_with_its_tissues() -> None:
+    from pipelines.phantom.generator import TISSUES, generate_labelmap
+
+    spec = PhantomSpec(seed=3)
+    p, tissue = generate_labelmap(spec)
+    q = generate(spec)
+    assert np.array_equal(p.image, q.image) and np.array_equal(p.label, q.label)
+    assert tissue.shape == p.label.shape
+    assert np.array_equal(tissue == TISSUES.index("lesion"), p.label == 2)
+    assert np.all(np.isin(tissue[p.label == 1], [TISSUES.index("pancreas"),
+                                                   TISSUES.index("duct")]))
+    assert {"liver", "spleen", "kidney", "bone", "fat"} <= {TISSUES[i] for i in np.unique(tissue)}

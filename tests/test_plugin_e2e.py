@@ -13,7 +13,6 @@ the rule, the config, the job or the sender.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,9 +25,9 @@ import sqlalchemy as sa
 from storage.models import Finding, Job, JobState, Output, Transfer, TransferState
 from tests.plugins import publish
 from tests.support.data import dicom_series_dir
-from tests.support.net import free_port, wait_for
+from tests.support.net import wait_for
 from tests.support.node import REPO, start_node
-from tests.support.peers import dcmtk_env, require
+from tests.support.peers import dcmtk_env, require, store_scp
 
 pytestmark = [pytest.mark.peers, pytest.mark.slow]
 
@@ -40,23 +39,8 @@ KOS = "1.2.840.10008.5.1.4.1.1.88.59"
 @pytest.fixture
 def sink(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     """dcmtk storescp: the destination PACS, writing what it receives into a folder."""
-    folder = tmp_path / "sink"
-    folder.mkdir()
-    port = free_port()
-    proc = subprocess.Popen([require("storescp"), "-aet", SINK_AET, "-od", str(folder),
-                             str(port)], env=dcmtk_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        wait_for(lambda: _port_open(port), timeout=30, what="storescp to listen")
-        yield port, folder
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
+    with store_scp(tmp_path / "sink", SINK_AET) as port:
+        yield port, tmp_path / "sink"
 
 
 def _brightest(files: list[Path]) -> str:

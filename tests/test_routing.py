@@ -197,3 +197,68 @@ _values = st.one_of(st.text(max_size=20), st.floats(allow_nan=False),
 def test_evaluation_never_raises(value: Any, text: str) -> None:
     result = evaluate(parse_condition(text), {"Modality": value})
     assert isinstance(result.matched, bool) and result.reason
+
+
+# -- series that are no image to analyse (storage.image_kind) and the rules that ask for them --
+
+@pytest.mark.parametrize(("attrs", "kind"), [
+    ({"Modality": "CT", "ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"]}, "localizer"),
+    ({"Modality": "CT", "ImageType": "ORIGINAL\\PRIMARY\\TOPOGRAM"}, "localizer"),
+    ({"Modality": "MR", "ImageType": ["ORIGINAL", "PRIMARY", "SURVIEW_IMAGE"]}, "localizer"),
+    ({"Modality": "CT", "SOPClassUID": "1.2.840.10008.5.1.4.1.1.7"}, "secondary capture"),
+    ({"Modality": "OT", "SOPClassUID": "1.2.840.10008.5.1.4.1.1.7.4"}, "secondary capture"),
+    ({"Modality": "MR", "ImageType": ["DERIVED", "PRIMARY", "DIFFUSION", "ADC"]}, "derived"),
+    ({"Modality": "CT", "PhotometricInterpretation": "RGB"}, "colour"),
+    ({"Modality": "US", "PhotometricInterpretation": "YBR_FULL_422"}, "colour"),
+    ({"Modality": "CT", "PhotometricInterpretation": "PALETTE COLOR"}, "colour"),
+    ({"Modality": "SEG", "SOPClassUID": "1.2.840.10008.5.1.4.1.1.66.4"}, "result object"),
+    ({"Modality": "KO"}, "result object"),
+    ({"Modality": "SR", "SOPClassUID": "1.2.840.10008.5.1.4.1.1.88.34"}, "result object"),
+    ({"Modality": "CT", "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"],
+      "PhotometricInterpretation": "MONOCHROME2",
+      "SOPClassUID": "1.2.840.10008.5.1.4.1.1.2"}, None),
+    ({"Modality": "MR", "ImageType": ["ORIGINAL", "PRIMARY", "M", "DERIVED"]}, None),
+    ({}, None),  # a sparse header is routed as before
+])
+def test_what_is_not_an_image_series(attrs: dict[str, Any], kind: str | None) -> None:
+    from storage.image_kind import not_an_image
+
+    got = not_an_image(attrs)
+    assert (None if got is None else got.kind) == kind
+    if got is not None:
+        assert got.reason and str(attrs[got.keyword]).upper().find(got.value.upper()) >= 0
+
+
+def test_the_nodes_own_result_classes_are_result_objects_whatever_their_modality() -> None:
+    from pipelines.dicom_out import registry as writers
+    from storage.image_kind import not_an_image
+
+    kos = {"Modality": "OT", "SOPClassUID": "1.2.840.10008.5.1.4.1.1.88.59"}
+    assert not_an_image(kos) is None
+    got = not_an_image(kos, result_sop_classes=[*writers.result_sop_classes(), kos["SOPClassUID"]])
+    assert got is not None and got.kind == "result object"
+    sc = {"Modality": "CT", "SOPClassUID": "1.2.840.10008.5.1.4.1.1.7"}
+    # the node writes SC too, but a received one is named for what it is
+    assert not_an_image(sc, result_sop_classes=writers.result_sop_classes()).kind == (  # type: ignore[union-attr]
+        "secondary capture")
+
+
+@pytest.mark.parametrize(("when", "decisive", "expected"), [
+    ("ImageType~LOCALIZER", {"ImageType": "LOCALIZER"}, True),
+    ("ImageType=localizer", {"ImageType": "LOCALIZER"}, True),
+    ("ImageType=AXIAL", {"ImageType": "LOCALIZER"}, False),
+    ("ImageType!=AXIAL", {"ImageType": "LOCALIZER"}, False),  # names nothing
+    ("ImageType?", {"ImageType": "LOCALIZER"}, False),
+    ("SOPClassUID=1.2.840.10008.5.1.4.1.1.7", {"SOPClassUID": "1.2.840.10008.5.1.4.1.1.7"}, True),
+    ("SOPClassUID=1.2.840.10008.5.1.4.1.1.2|1.2.840.10008.5.1.4.1.1.7",
+     {"SOPClassUID": "1.2.840.10008.5.1.4.1.1.7"}, True),
+    ("Modality=CT", {"SOPClassUID": "1.2.840.10008.5.1.4.1.1.7"}, False),
+    ("PhotometricInterpretation~^YBR", {"PhotometricInterpretation": "YBR_FULL"}, True),
+    ("Modality=SEG", {"SOPClassUID": "1.2.840.10008.5.1.4.1.1.66.4", "Modality": "SEG"}, True),
+])
+def test_a_rule_opts_in_only_by_naming_the_deciding_value(
+        when: str, decisive: dict[str, Any], expected: bool) -> None:
+    from node.routing import opts_in
+
+    spec = RuleSpec.build("r", pipeline="pancreas-ct", when=["Modality?", when])
+    assert opts_in(spec, decisive) is expected

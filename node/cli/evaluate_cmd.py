@@ -1,18 +1,40 @@
-"""``ainode evaluate``: PANORAMA metrics of a pipeline on a labelled folder."""
+"""``ainode evaluate``: PANORAMA metrics of a pipeline on a labelled folder.
+
+``--set-name`` names the test set's source in the output, because figures on
+phantoms from the training generator are no evidence of generalisation and
+must not be read together with figures from another source; ``--compare``
+prints two finished evaluations side by side instead of running one.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from storage.errors import InputError
 
 
+def _load_metrics(folder: Path) -> dict[str, Any]:
+    path = folder / "metrics.json" if folder.is_dir() else folder
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise InputError(f"--compare {folder}: no metrics.json there") from exc
+    except json.JSONDecodeError as exc:
+        raise InputError(f"--compare {path}: not JSON ({exc})") from exc
+    if not isinstance(data, dict) or "n_cases" not in data:
+        raise InputError(f"--compare {path}: not an `ainode evaluate` metrics.json")
+    return data
+
+
 def evaluate(
-    data: Annotated[Path, typer.Option("--data", help="MSD Task07-layout folder")],
-    out: Annotated[Path, typer.Option("--out", help="where metrics.json, tables, plots go")],
+    data: Annotated[Path | None, typer.Option("--data", help="MSD Task07-layout folder")] =
+        None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="where metrics.json, tables, plots go")] = None,
     pipeline: Annotated[str, typer.Option(help="pancreas-ct | pancreas-mr")] = "pancreas-ct",
     models: Annotated[Path | None, typer.Option(help="models folder (default: shipped)")] =
         None,
@@ -24,10 +46,23 @@ def evaluate(
         help="dynamic threshold: fraction of each peak kept as the lesion")] = 0.2,
     score_mode: Annotated[str, typer.Option(help="mean | max | classification | lesion")] =
         "mean",
+    set_name: Annotated[str | None, typer.Option(
+        "--set-name", help="the test set's source, written into metrics.json/metrics.md "
+        "(e.g. 'generator-v1 fresh', 'randomised-appearance')")] = None,
+    compare: Annotated[tuple[Path, Path] | None, typer.Option(
+        "--compare", help="print two evaluations (folders or metrics.json) side by side "
+        "and exit; nothing is run")] = None,
 ) -> None:
     """Run PIPELINE on every case of DATA and write metrics.json, metrics.md, roc/froc PNGs."""
+    from pipelines.evaluation.run import compare_table, markdown_table
+
+    if compare is not None:
+        a, b = compare
+        typer.echo(compare_table(_load_metrics(a), _load_metrics(b), (str(a), str(b))), nl=False)
+        return
+    if data is None or out is None:
+        raise InputError("--data and --out are required (or --compare DIR1 DIR2)")
     from pipelines.evaluation.run import evaluate as run
-    from pipelines.evaluation.run import markdown_table
     from pipelines.pancreas import build_pipeline
 
     if not data.is_dir():
@@ -44,7 +79,8 @@ def evaluate(
                                 score_mode=score_mode)  # type: ignore[arg-type]
     pipe = build_pipeline(pipeline, models, device=device, settings=settings)
     metrics = run(data, out, pipe, n_boot=bootstrap, max_cases=max_cases,
-                  progress=None if quiet else (lambda m: typer.echo(m, err=True)))
+                  progress=None if quiet else (lambda m: typer.echo(m, err=True)),
+                  set_name=set_name)
     typer.echo(markdown_table(metrics))
     typer.echo(f"written: {out / 'metrics.json'}, {out / 'metrics.md'}, "
                f"{out / 'roc.png'}, {out / 'froc.png'}")

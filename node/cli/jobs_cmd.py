@@ -15,15 +15,16 @@ from node.routing import store as rule_store
 from storage import jobs as job_store
 from storage.audit import os_actor
 from storage.errors import InputError
-from storage.models import Finding, Job, JobState, Output, Series, Transfer
+from storage.models import Finding, Job, JobOutcome, JobState, Output, Series, Transfer
 
 __all__ = ["app", "reprocess"]
 
 app = typer.Typer(help="Pipeline jobs: list, show, retry, cancel.", no_args_is_help=True)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="JSON instead of a table")]
-COLUMNS = ("id", "state", "priority", "series", "rule", "pipeline", "model_version", "attempts",
-           "stage", "created_at", "finished_at", "turnaround_s", "error")
+COLUMNS = ("id", "state", "outcome", "priority", "series", "rule", "pipeline", "model_version",
+           "attempts", "stage", "created_at", "finished_at", "turnaround_s", "error",
+           "outcome_reason")
 
 
 def _row(job: Job) -> dict[str, Any]:
@@ -37,6 +38,8 @@ def _row(job: Job) -> dict[str, Any]:
         "finished_at": job.finished_at, "delivered_at": job.delivered_at,
         "turnaround_s": None if job.turnaround_s is None else round(job.turnaround_s, 1),
         "error": job.error,
+        # The verdict of a done job; None (shown "-") while unfinished, failed, or older.
+        "outcome": job.outcome, "outcome_reason": job.outcome_reason,
     }
 
 
@@ -45,13 +48,17 @@ def list_jobs(
     ctx: typer.Context,
     state: Annotated[JobState | None, typer.Option(help="only jobs in this state")] = None,
     series: Annotated[str | None, typer.Option(help="only this series UID")] = None,
+    outcome: Annotated[JobOutcome | None, typer.Option(
+        help="only done jobs with this verdict (assessed, not_assessable)")] = None,
     limit: Annotated[int, typer.Option(help="newest N")] = 50,
     as_json: JsonOpt = False,
 ) -> None:
-    """List jobs, newest first."""
+    """List jobs, newest first, with each done job's outcome and, if not assessable, why."""
     q = select(Job).options(selectinload(Job.series)).order_by(Job.id.desc()).limit(limit)
     if state is not None:
         q = q.where(Job.state == state)
+    if outcome is not None:
+        q = q.where(Job.outcome == outcome)
     if series is not None:
         q = q.join(Series).where(Series.series_instance_uid == series)
     with get(ctx).db.session() as s:

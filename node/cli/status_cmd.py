@@ -11,7 +11,16 @@ from sqlalchemy import func, select
 
 from node.cli.context import get
 from node.cli.output import emit
-from storage.models import Instance, Job, JobState, Transfer, TransferState, utcnow
+from storage.models import (
+    Instance,
+    Job,
+    JobOutcome,
+    JobState,
+    Series,
+    Transfer,
+    TransferState,
+    utcnow,
+)
 
 __all__ = ["percentile", "status"]
 
@@ -31,7 +40,10 @@ def status(
     ctx: typer.Context,
     as_json: Annotated[bool, typer.Option("--json", help="JSON instead of a table")] = False,
 ) -> None:
-    """Queue depth, last received and sent, free disk, model versions in use, turnaround (24 h).
+    """Queue depth, done and not-assessable jobs, last received and sent, free disk, models.
+
+    Also the last 24 h: done jobs, those of them not assessable, series skipped
+    at routing as no image series, and turnaround.
 
     Model versions are those of the latest finished job per pipeline: the models
     are loaded in the worker processes, not in this command.
@@ -47,6 +59,16 @@ def status(
             Transfer.state == TransferState.PENDING)) or 0
         turnarounds = [float(t) for t in s.scalars(select(Job.turnaround_s).where(
             Job.delivered_at >= since, Job.turnaround_s.is_not(None))) if t is not None]
+        # Not assessable is a DONE job's verdict, not a failure: counted on its own so
+        # a run of head CTs routed to an abdominal model shows here, not in a report.
+        not_assessable = s.scalar(select(func.count()).select_from(Job).where(
+            Job.state == JobState.DONE, Job.outcome == JobOutcome.NOT_ASSESSABLE)) or 0
+        done_24h, not_assessable_24h = s.execute(
+            select(func.count(), func.count().filter(
+                Job.outcome == JobOutcome.NOT_ASSESSABLE))
+            .select_from(Job).where(Job.state == JobState.DONE, Job.finished_at >= since)).one()
+        skipped_24h = s.scalar(select(func.count()).select_from(Series).where(
+            Series.skip_reason.is_not(None), Series.completed_at >= since)) or 0
         versions = dict(s.execute(
             select(Job.pipeline, Job.model_version).where(Job.state == JobState.DONE)
             .order_by(Job.finished_at)).all())
@@ -55,6 +77,10 @@ def status(
         "running": counts.get(JobState.RUNNING, 0),
         "failed": counts.get(JobState.FAILED, 0),
         "done": counts.get(JobState.DONE, 0),
+        "not_assessable": not_assessable,
+        "done_24h": done_24h,
+        "not_assessable_24h": not_assessable_24h,
+        "series_skipped_24h": skipped_24h,
         "pending_sends": pending_sends,
         "last_received_at": last_received,
         "last_sent_at": last_sent,

@@ -23,7 +23,7 @@ import io
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, cast
 
@@ -37,6 +37,7 @@ from pipelines import registry
 from pipelines.dicom_out import registry as writers
 from pipelines.results import AnalysisResult
 from storage import jobs as job_store
+from storage import models
 from storage.db import Database
 from storage.errors import (
     InputError,
@@ -61,6 +62,7 @@ __all__ = [
     "default_write",
     "plan_job",
     "record_failure",
+    "reportable",
     "resolve_device",
     "run_job",
 ]
@@ -191,13 +193,13 @@ def run_job(job_id: int, owner: str, deps: JobDeps, *,
     volume, sources = deps.load(list(plan.paths), pipeline.min_slices, plan.kinds)
     stage("infer")
     t0 = time.monotonic()
-    result = pipeline.run(volume)
+    result, withheld = reportable(pipeline.run(volume))
     infer_s = time.monotonic() - t0
     stage("write")
     objects = list(deps.write(result, sources, plan.kinds))
     stage("save")
     model_version = pipeline.model_version()
-    queued = _save(deps, owner, plan, model_version, result, objects, infer_s)
+    queued = _save(deps, owner, plan, model_version, result, objects, infer_s, withheld)
     return JobOutcome(job_id, model_version, tuple(o.kind for o in objects),
                       round(infer_s, 3), queued)
 
@@ -246,8 +248,36 @@ def plan_job(deps: JobDeps, job_id: int) -> JobPlan:
                        paths, destinations, kinds, job.shadow)
 
 
+def reportable(result: AnalysisResult) -> tuple[AnalysisResult, dict[str, Any]]:
+    """What the node reports of a result: all of it, or for a not-assessable one the verdict.
+
+    A pipeline that says it cannot judge a series (a head CT sent to an
+    abdominal model, an implausible "pancreas") vouches for none of its
+    regions or scores: a SEG segment "Pancreas" on a brain, or a PDAC
+    probability in a report headed "not assessable", is exactly what a
+    reader must not be shown. So a not-assessable result goes to the writers
+    with no segment and no scored finding, and with the impression
+    "Not assessable: <reason>"; the SR then says that and nothing else, and
+    no SEG, GSPS or SC is written. What was withheld stays in the job's
+    provenance (the second value) for whoever investigates the model.
+    """
+    if result.assessed:
+        return result, {}
+    withheld: dict[str, Any] = {}
+    if result.segments:
+        withheld["segments"] = [s.key for s in result.segments]
+    if result.findings:
+        withheld["findings"] = [{"key": f.key, "kind": f.kind, "label": f.label,
+                                 "probability": round(float(f.probability), 4)}
+                                for f in result.findings]
+    if result.summary_text:
+        withheld["summary"] = result.summary_text
+    return replace(result, segments=[], findings=[], summary_text=""), withheld
+
+
 def _save(deps: JobDeps, owner: str, plan: JobPlan, model_version: str,
-          result: AnalysisResult, objects: Sequence[WrittenLike], infer_s: float) -> bool:
+          result: AnalysisResult, objects: Sequence[WrittenLike], infer_s: float,
+          withheld: dict[str, Any] | None = None) -> bool:
     """Files first, then one transaction with DONE; True when sends were queued."""
     files = []
     for obj in objects:
@@ -262,12 +292,17 @@ def _save(deps: JobDeps, owner: str, plan: JobPlan, model_version: str,
         files.append((obj, stored))
     queued = False
     with job_store.write_session(deps.db) as session:
+        outcome = (models.JobOutcome.ASSESSED if result.assessed
+                   else models.JobOutcome.NOT_ASSESSABLE)
         job = job_store.finish_job(
-            session, plan.job_id, owner,
+            session, plan.job_id, owner, outcome=outcome,
+            outcome_reason=None if result.assessed else result.reason,
             claimed_by=owner, device=deps.device, pipeline_model_version=model_version,
             inference_s=round(infer_s, 3), outputs=[o.kind for o, _ in files],
             summary=result.summary(), **job_provenance(result),
         )
+        if withheld:
+            job.provenance = {**job.provenance, "withheld_not_assessable": withheld}
         if plan.model_version and model_version != plan.model_version:
             job.provenance = {**job.provenance, "model_version_changed_from":
                               plan.model_version}

@@ -13,6 +13,7 @@ from node.routing.rules import (
     RuleEvaluation,
     RuleSpec,
     evaluate_rule,
+    opts_in,
     referenced_keys,
 )
 
@@ -25,6 +26,7 @@ __all__ = [
     "RuleSpec",
     "attributes_from_dataset",
     "evaluate_rule",
+    "opts_in",
     "parse_condition",
     "referenced_keys",
     "series_attributes",

@@ -21,6 +21,7 @@ __all__ = [
     "RuleEvaluation",
     "RuleSpec",
     "evaluate_rule",
+    "opts_in",
     "referenced_keys",
 ]
 
@@ -205,6 +206,29 @@ def evaluate_rule(spec: RuleSpec, attributes: Mapping[str, Any]) -> RuleEvaluati
     results = tuple(evaluate(c, attributes) for c in spec.conditions)
     ok = all(r.matched for r in results)
     return RuleEvaluation(spec.name, ok and spec.enabled, spec.enabled, results)
+
+
+# Operators that can name a value on purpose; "!=", "?" and "!" name none.
+_NAMING_OPS = frozenset({"=", "in", "~"})
+
+
+def opts_in(spec: RuleSpec, decisive: Mapping[str, Any]) -> bool:
+    """True when the rule asks for a series that is no image by naming what makes it one.
+
+    Routing skips localizers, Secondary Captures, derived, colour and result
+    objects (``storage.image_kind``); ``decisive`` is the attribute and value
+    that decided it (``{"ImageType": "LOCALIZER"}``, ``{"SOPClassUID":
+    "1.2.840.10008.5.1.4.1.1.7"}``...). A rule opts in only with a condition on
+    that keyword that matches that value by itself (``ImageType~LOCALIZER``,
+    ``SOPClassUID=1.2.840.10008.5.1.4.1.1.7``, ``PhotometricInterpretation~YBR``),
+    so a rule written for ordinary series (``Modality=CT``, ``ImageType=AXIAL``)
+    never routes a screenshot or a scout by accident.
+    """
+    for cond in spec.conditions:
+        if cond.key in decisive and cond.op in _NAMING_OPS \
+                and evaluate(cond, {cond.key: decisive[cond.key]}).matched:
+            return True
+    return False
 
 
 def referenced_keys(specs: Sequence[RuleSpec]) -> set[str]:

@@ -7,6 +7,19 @@ average precision over all candidates, and the FROC curve (sensitivity
 against false positives per volume). Sensitivity by lesion size is read at the
 operating point with at most one false positive per volume.
 
+Beyond lesions (issue 16): the stage-1 pancreas is scored as a segmentation
+(Dice, and HD95 in mm on the source grid with its spacing) and as a
+localisation (the *pancreas detection rate*: the fraction of cases with a
+labelled pancreas whose predicted pancreas overlaps it, Dice > 0, the seed
+article's lenient criterion; the stricter Dice >= 0.5 rate beside it), and
+lesion sensitivity is broken down by where the reference lesion lies in the
+gland (head / neck / body / tail), because a model can learn the head of one
+generator's gland and miss its tail.
+
+A case the pipeline declares *not assessable* is scored as what it gives the
+reader: no lesion candidates and the lowest patient score, so a cancer in
+such a case still counts as missed; the cases are counted and listed.
+
 Every figure comes with a 95% interval from resampling *cases* (1000
 replicates): lesions of one patient are not independent.
 """
@@ -22,11 +35,15 @@ import numpy.typing as npt
 from scipy import ndimage
 
 __all__ = [
+    "LOCATIONS",
+    "LOWEST_SCORE",
     "SIZE_BINS",
     "CaseRecord",
     "average_precision",
     "bootstrap",
+    "dice",
     "froc",
+    "hd95_mm",
     "match_lesions",
     "roc_auc",
     "summarise",
@@ -34,6 +51,21 @@ __all__ = [
 
 SIZE_BINS: tuple[tuple[str, float, float], ...] = (
     ("<10mm", 0.0, 10.0), ("10-20mm", 10.0, 20.0), (">20mm", 20.0, float("inf")),
+)
+# The parts of the gland, in the order (and with the names) that
+# pipelines.pancreas.measures.LOCATION_CUTS uses for the pipeline's own findings.
+LOCATIONS: tuple[str, ...] = ("head", "neck", "body", "tail")
+# The patient score a not-assessable case is given: below (or tied with) every
+# assessed case, so it can never raise an AUROC by being declined.
+LOWEST_SCORE = 0.0
+NOT_ASSESSABLE_SCORING = (
+    "A not-assessable case contributes no lesion candidates and counts with the lowest "
+    f"patient score ({LOWEST_SCORE:g}, ties count half in the AUROC): its reference lesions "
+    "count as missed and a cancer in it as not detected."
+)
+DETECTION_DEFINITION = (
+    "pancreas detected = the stage-1 pancreas overlaps the labelled pancreas (labels 1 and 2) "
+    "by at least one voxel (Dice > 0); over cases with a labelled pancreas"
 )
 
 
@@ -47,6 +79,14 @@ class CaseRecord:
     cand_tp: list[bool] = field(default_factory=list)
     gt_size_mm: list[float] = field(default_factory=list)
     gt_hit_conf: list[float] = field(default_factory=list)  # 0 when never hit
+    # Where each reference lesion lies in the labelled gland (LOCATIONS), "" when unknown.
+    gt_location: list[str] = field(default_factory=list)
+    assessable: bool = True
+    reason: str | None = None  # why not assessable
+    # Stage-1 pancreas against the label's pancreas; nan when undefined (no labelled
+    # pancreas for Dice; an empty prediction or reference for HD95).
+    dice: float = float("nan")
+    hd95_mm: float = float("nan")
 
     @property
     def max_conf(self) -> float:
@@ -77,6 +117,47 @@ def match_lesions(
                 tp[j] = True
                 hit[i] = max(hit[i], conf)
     return lesions, tp, hit
+
+
+def _surface(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    """The mask's boundary voxels (those with a face neighbour outside, or on the edge)."""
+    inner = ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(3, 1),
+                                   border_value=0)
+    return mask & ~inner
+
+
+def dice(pred: npt.NDArray[np.bool_], ref: npt.NDArray[np.bool_]) -> float:
+    """Dice overlap; nan when both are empty (nothing to agree on)."""
+    total = int(pred.sum()) + int(ref.sum())
+    if total == 0:
+        return float("nan")
+    return 2.0 * int(np.logical_and(pred, ref).sum()) / total
+
+
+def hd95_mm(pred: npt.NDArray[np.bool_], ref: npt.NDArray[np.bool_],
+            spacing_zyx: tuple[float, float, float], percentile: float = 95.0) -> float:
+    """Symmetric 95th-percentile Hausdorff distance between the two surfaces, in mm.
+
+    The larger of the two directed figures (each surface voxel's distance to the
+    nearest surface voxel of the other mask, 95th percentile), as MONAI's
+    ``compute_hausdorff_distance(percentile=95)``. Computed on the bounding box of
+    both masks plus one voxel, which gives the same distances as the whole grid
+    (every surface voxel lies inside it) at a fraction of the memory of a
+    512x512x300 distance transform. nan when either mask is empty.
+    """
+    if not pred.any() or not ref.any():
+        return float("nan")
+    idx = np.argwhere(pred | ref)
+    lo, hi = idx.min(axis=0), idx.max(axis=0) + 1
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+    p = np.pad(pred[box], 1)
+    r = np.pad(ref[box], 1)
+    # Padding with background keeps voxels on the grid's edge on the surface, as
+    # binary_erosion(border_value=0) does on the whole grid.
+    sp, sr = _surface(p), _surface(r)
+    to_r = ndimage.distance_transform_edt(~sr, sampling=spacing_zyx)
+    to_p = ndimage.distance_transform_edt(~sp, sampling=spacing_zyx)
+    return float(max(np.percentile(to_r[sp], percentile), np.percentile(to_p[sr], percentile)))
 
 
 def roc_auc(y: npt.NDArray[np.bool_], s: npt.NDArray[np.floating]) -> float:
@@ -162,6 +243,7 @@ def _lesion_metrics(recs: list[CaseRecord], thr: float | None = None) -> dict[st
     tp = np.array([t for r in recs for t in r.cand_tp], dtype=bool)
     sizes = np.array([s for r in recs for s in r.gt_size_mm])
     hit = np.array([h for r in recs for h in r.gt_hit_conf])
+    where = np.array([loc for r in recs for loc in _locations(r)], dtype=str)
     t = operating_threshold(recs) if thr is None else thr
     out = {
         "ap": average_precision(conf, tp, len(sizes)),
@@ -174,7 +256,43 @@ def _lesion_metrics(recs: list[CaseRecord], thr: float | None = None) -> dict[st
     for name, lo, hi in SIZE_BINS:
         sel = (sizes >= lo) & (sizes < hi)
         out[f"sens_{name}"] = float((hit[sel] >= t).mean()) if sel.any() else float("nan")
+    for loc in LOCATIONS:
+        sel = where == loc
+        out[f"sens_loc_{loc}"] = float((hit[sel] >= t).mean()) if sel.any() else float("nan")
     return out
+
+
+def _locations(r: CaseRecord) -> list[str]:
+    """One location per reference lesion ("" where the record carries none)."""
+    return [*r.gt_location, *[""] * (len(r.gt_hit_conf) - len(r.gt_location))][
+        : len(r.gt_hit_conf)]
+
+
+def _segmentation(recs: list[CaseRecord]) -> dict[str, float]:
+    """Mean and median Dice and HD95 of the stage-1 pancreas, and the detection rates.
+
+    Dice is over cases with a labelled pancreas (a missing prediction is Dice 0);
+    HD95 over cases where both masks exist (the cases where it is undefined are
+    counted in the summary, not hidden: the detection rate covers them).
+    """
+    nan = float("nan")
+    d = np.array([r.dice for r in recs], dtype=float)
+    d = d[np.isfinite(d)]
+    h = np.array([r.hd95_mm for r in recs], dtype=float)
+    h = h[np.isfinite(h)]
+    # A declined case may carry no mask (the reader gets none): Dice 0 above; the
+    # assessed-only mean says how good stage 1 is where the node does report.
+    da = np.array([r.dice for r in recs if r.assessable], dtype=float)
+    da = da[np.isfinite(da)]
+    return {
+        "dice_mean_assessed": float(da.mean()) if len(da) else nan,
+        "dice_mean": float(d.mean()) if len(d) else nan,
+        "dice_median": float(np.median(d)) if len(d) else nan,
+        "hd95_mean": float(h.mean()) if len(h) else nan,
+        "hd95_median": float(np.median(h)) if len(h) else nan,
+        "detection_rate": float((d > 0).mean()) if len(d) else nan,
+        "dice_ge_050_rate": float((d >= 0.5).mean()) if len(d) else nan,
+    }
 
 
 def _table(recs: list[CaseRecord], threshold: float = 0.5) -> dict[str, dict[str, float]]:
@@ -205,6 +323,7 @@ def _point(recs: list[CaseRecord]) -> dict[str, Any]:
         "patient_auroc": roc_auc(y_pdac, score),
         "patient_auroc_any_lesion": roc_auc(dx != "normal", score),
         "lesion": _lesion_metrics(recs),
+        "segmentation": _segmentation(recs),
         "table": _table(recs),
     }
 
@@ -259,6 +378,11 @@ def summarise(recs: list[CaseRecord], n_boot: int = 1000, seed: int = 0) -> dict
             _, row, metric = key.split("|")
             table.setdefault(row, {})[metric] = fig(key)
     dx = [r.diagnosis for r in recs]
+    where = [loc for r in recs for loc in _locations(r)]
+    declined = [r for r in recs if not r.assessable]
+    declined_dx = [r.diagnosis for r in declined]
+    with_pancreas = sum(1 for r in recs if np.isfinite(r.dice))
+    hd_defined = sum(1 for r in recs if np.isfinite(r.hd95_mm))
     return {
         "n_cases": len(recs),
         "case_mix": {d: dx.count(d) for d in sorted(set(dx))},
@@ -273,11 +397,42 @@ def summarise(recs: list[CaseRecord], n_boot: int = 1000, seed: int = 0) -> dict
             "ap": fig("lesion|ap"),
             "iou_threshold": 0.15,
             "operating_point": "lowest threshold with <= 1 false positive per volume",
-            "threshold": round(point["lesion|threshold"], 4),
+            # None when no threshold reports anything within the limit (no candidates at
+            # all, e.g. every case declined): strict JSON has no Infinity.
+            "threshold": round(point["lesion|threshold"], 4)
+            if np.isfinite(point["lesion|threshold"]) else None,
             "fp_per_volume": fig("lesion|fp_per_volume"),
             "sensitivity": fig("lesion|sensitivity"),
             "sensitivity_ge10mm": fig("lesion|sensitivity_ge10mm"),
             "sensitivity_by_size": {name: fig(f"lesion|sens_{name}") for name, _, _ in SIZE_BINS},
+            "sensitivity_by_location": {
+                loc: {**fig(f"lesion|sens_loc_{loc}"), "n": where.count(loc)}
+                for loc in LOCATIONS},
+            "location_unknown": where.count(""),
+        },
+        "segmentation": {
+            "structure": "pancreas (stage 1) vs label > 0 (gland including its lesion)",
+            "n_cases_with_pancreas": with_pancreas,
+            "n_hd95_defined": hd_defined,
+            "hd95_note": "HD95 over cases where both the predicted and the labelled pancreas "
+                         "exist; the others are counted by the detection rate",
+            "dice_mean": fig("segmentation|dice_mean"),
+            "dice_median": fig("segmentation|dice_median"),
+            "dice_mean_assessed": fig("segmentation|dice_mean_assessed"),
+            "dice_note": "a case without a predicted pancreas (not found, or declined with "
+                         "no mask) counts Dice 0; dice_mean_assessed is over assessed cases",
+            "hd95_mm_mean": fig("segmentation|hd95_mean"),
+            "hd95_mm_median": fig("segmentation|hd95_median"),
+            "detection_rate": fig("segmentation|detection_rate"),
+            "detection_definition": DETECTION_DEFINITION,
+            "dice_ge_050_rate": fig("segmentation|dice_ge_050_rate"),
+        },
+        "not_assessable": {
+            "n": len(declined),
+            "by_diagnosis": {d: declined_dx.count(d) for d in sorted(set(declined_dx))},
+            "cases": [{"case_id": r.case_id, "diagnosis": r.diagnosis, "reason": r.reason}
+                      for r in declined],
+            "scoring": NOT_ASSESSABLE_SCORING,
         },
         "table": table,
     }

@@ -124,6 +124,15 @@ class MultiTaskNet3D(nn.Module):
 
         Split from ``forward`` so the head can be trained on cached encoder features.
         """
+        return self.cls_head(self.pooled_features(top, seg))
+
+    def pooled_features(self, top: Sequence[torch.Tensor], seg: torch.Tensor) -> torch.Tensor:
+        """The pooled pyramid vector the classification head reads, (batch, 9 * fpn).
+
+        Split from :meth:`classify` so the pipeline's competence check can measure
+        how far a case lies from the training distribution in exactly the space the
+        head decides in; the head's output is unchanged by the split.
+        """
         lat = [lat_conv(f) for lat_conv, f in zip(self.lateral, top, strict=True)]
         p = lat[-1]
         pyramid = [self.smooth[-1](p)]
@@ -143,11 +152,19 @@ class MultiTaskNet3D(nn.Module):
                 q.mean(dim=(2, 3, 4)), q.amax(dim=(2, 3, 4)),
                 (q * w).sum(dim=(2, 3, 4)) / wsum,
             ], 1))
-        return self.cls_head(torch.cat(pooled, dim=1))
+        return torch.cat(pooled, dim=1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feats, seg = self.features(x)
         return seg, self.classify(feats[-3:], seg)
+
+    def forward_with_features(
+        self, x: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``forward`` plus the pooled features: (lesion logits, type logits, features)."""
+        feats, seg = self.features(x)
+        pooled = self.pooled_features(feats[-3:], seg)
+        return seg, self.cls_head(pooled), pooled
 
 
 class SliceClassifier2D(nn.Module):

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+import numpy.typing as npt
 import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -88,6 +90,33 @@ class Training(_Strict):
     metrics: dict[str, Any] = Field(default_factory=dict)
 
 
+class Competence(_Strict):
+    """Optional: the statistics of the model's features on its training data (an .npz).
+
+    What the pipeline's competence check measures a case against: how far its
+    features lie from those the model was trained on. Hashed like the weights,
+    because a swapped file would silently change which cases are refused.
+    """
+
+    file: str
+    sha256: str
+    score: str = "mahalanobis"  # of the standardised features, Ledoit-Wolf shrinkage
+    threshold: float  # a case scoring above it is outside the model's competence
+    fitted_on: str  # which data the statistics come from
+    threshold_on: str  # which data set the threshold, and how (e.g. its 99th percentile)
+    details: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, v: str) -> str:
+        return Weights._hex(v)
+
+    @field_validator("file")
+    @classmethod
+    def _inside(cls, v: str) -> str:
+        return Weights._inside(v)
+
+
 class Manifest(_Strict):
     name: str
     version: str
@@ -100,6 +129,7 @@ class Manifest(_Strict):
     training: Training = Field(default_factory=Training)
     intended_use: str
     source: str = "ainode"  # ainode | monai-bundle | nnunetv2
+    competence: Competence | None = None
 
 
 @dataclass
@@ -108,6 +138,8 @@ class LoadedModel:
     module: nn.Module
     path: Path
     device: torch.device
+    # The verified competence statistics (arrays by name), None when the package has none.
+    competence: dict[str, npt.NDArray[Any]] | None = None
 
 
 def sha256_file(path: Path) -> str:
@@ -157,6 +189,34 @@ def verify_package(pkg: Path) -> Manifest:
     return m
 
 
+def load_competence(pkg: Path, m: Manifest) -> dict[str, npt.NDArray[Any]] | None:
+    """The package's competence arrays after checking their sha256; None if it declares none.
+
+    A declared file that is missing, altered or unreadable is refused like
+    altered weights: the check it feeds decides which cases are reported.
+    """
+    if m.competence is None:
+        return None
+    f = pkg / m.competence.file
+    if not f.is_file():
+        raise ModelError(f"{pkg.name}: competence file {m.competence.file} is missing")
+    actual = sha256_file(f)
+    if actual != m.competence.sha256:
+        raise ModelError(
+            f"{pkg.name}: competence file hash mismatch (manifest "
+            f"{m.competence.sha256[:12]}…, file {actual[:12]}…); refusing to load"
+        )
+    try:
+        with np.load(f, allow_pickle=False) as data:
+            arrays = {k: np.asarray(data[k]) for k in data.files}
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{pkg.name}: cannot read competence file: {exc}") from exc
+    missing = {"mean", "scale", "precision"} - set(arrays)
+    if missing:
+        raise ModelError(f"{pkg.name}: competence file lacks {', '.join(sorted(missing))}")
+    return arrays
+
+
 def resolve_device(device: str) -> torch.device:
     """``auto``: CUDA when present (the pipeline then runs under autocast), else CPU."""
     if device == "auto":
@@ -173,6 +233,7 @@ def resolve_device(device: str) -> torch.device:
 def load_package(pkg: Path, device: str = "auto") -> LoadedModel:
     """Verify, build and load a package; the module is in eval mode on ``device``."""
     m = verify_package(pkg)
+    competence = load_competence(pkg, m)
     dev = resolve_device(device)
     wf = pkg / m.weights.file
     try:
@@ -199,7 +260,7 @@ def load_package(pkg: Path, device: str = "auto") -> LoadedModel:
         raise ModelError(f"{pkg.name}: cannot load weights: {exc}") from exc
     module.to(dev).eval()
     log.info("loaded model %s %s on %s", m.name, m.version, dev)
-    return LoadedModel(m, module, pkg, dev)
+    return LoadedModel(m, module, pkg, dev, competence)
 
 
 INTENDED_USE_DEMO = (
@@ -246,6 +307,8 @@ def write_package(
 
 def write_manifest(out: Path, manifest: Manifest) -> None:
     data = manifest.model_dump(mode="json")
+    if data.get("competence") is None:  # optional: absent, not "null", when there is none
+        data.pop("competence", None)
     (out / MANIFEST).write_text(yaml.safe_dump(data, sort_keys=False))
 
 

@@ -26,7 +26,19 @@ from monai.inferers import sliding_window_inference
 from scipy import ndimage
 
 from pipelines.models.package import LoadedModel, load_package
-from pipelines.pancreas.candidates import ScoreMode, combine_score, extract_candidates
+from pipelines.pancreas.applicability import (
+    Applicability,
+    anatomy_check,
+    coarse_view,
+    competence_check,
+    series_check,
+)
+from pipelines.pancreas.candidates import (
+    Candidate,
+    ScoreMode,
+    combine_score,
+    extract_candidates,
+)
 from pipelines.pancreas.measures import (
     centroid_lps,
     long_axis_diameter_mm,
@@ -42,7 +54,7 @@ from storage.errors import ModelError, PipelineError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SHIPPED_WEIGHTS", "PancreasPipeline", "PipelineSettings"]
+__all__ = ["SHIPPED_WEIGHTS", "PancreasPipeline", "PipelineSettings", "SeriesInfo"]
 
 SHIPPED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 
@@ -63,6 +75,13 @@ class PipelineSettings:
     score_mode: ScoreMode = "mean"
     slice_hierarchical: bool = False
     slice_top_k: int = 3
+    # A lesion candidate is reported only if it lies within this distance (mm) of the
+    # predicted pancreas, i.e. overlaps the gland dilated by it: a tumour grows from the
+    # gland and may bulge beyond its outline, but a "lesion" a few cm away is not one.
+    lesion_margin_mm: float = 10.0
+    # The applicability step (pipelines.pancreas.applicability); off only for experiments
+    # that want the raw model output (evaluation of the models alone).
+    applicability: bool = True
 
 
 @dataclass
@@ -70,6 +89,18 @@ class _Stage1:
     mask: npt.NDArray[np.bool_]  # on the stage-1 grid
     grid: sitk.Image
     prob_max: float
+    pancreas_ml: float = 0.0  # the largest component kept as the gland
+    predicted_ml: float = 0.0  # everything above the threshold, every component
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    """What the header says the series shows (the series check reads it)."""
+
+    modality: str = ""
+    body_part: str = ""
+    anatomic_region: str = ""
+    image_type: tuple[str, ...] = ()
 
 
 @dataclass
@@ -133,6 +164,7 @@ class PancreasPipeline:
     def report(self, volume: object) -> PancreasReport:
         """What :meth:`run` finds, in the pipeline's own terms (what evaluation scores)."""
         modality: str
+        info = SeriesInfo()
         if isinstance(volume, sitk.Image):
             img, uids, frames = volume, [], None
             modality = self.stage2.manifest.input.modality
@@ -144,38 +176,92 @@ class PancreasPipeline:
             uids = list(getattr(volume, "sop_instance_uids", []))
             frames = getattr(volume, "frame_numbers", None)
             modality = str(getattr(volume, "modality", "") or "")
+            info = SeriesInfo(
+                modality=modality,
+                body_part=str(getattr(volume, "body_part", "") or ""),
+                anatomic_region=str(getattr(volume, "anatomic_region", "") or ""),
+                image_type=tuple(getattr(volume, "image_type", ()) or ()),
+            )
         if img.GetSize()[2] < 1:
             raise PipelineError("input", "empty volume")
-        return self.analyse(sitk.Cast(img, sitk.sitkFloat32), uids, frames, modality)
+        return self.analyse(sitk.Cast(img, sitk.sitkFloat32), uids, frames, modality, info)
 
     def analyse(self, img: sitk.Image, uids: list[str], frames: list[int] | None,
-                modality: str) -> PancreasReport:
+                modality: str, info: SeriesInfo | None = None) -> PancreasReport:
+        """Series check, stage 1, anatomy check, stage 2, competence check, then the report.
+
+        Each check that fails ends the analysis with a not-assessable report
+        (no lesion): the later stages never run on what an earlier check refused.
+        """
         timings: dict[str, float] = {}
+        info = info or SeriesInfo(modality=modality)
+        algo = AlgorithmInfo(name=f"ainode {self.name}", version=self.model_version(),
+                             intended_use=self.stage2.manifest.intended_use)
+        provenance: dict[str, Any] = {
+            "models": self.model_identity(), "device": str(self.stage2.device),
+            "margin_mm": self.settings.margin_mm, "score_mode": self.settings.score_mode,
+            "lesion_margin_mm": self.settings.lesion_margin_mm, "timings": timings,
+            **self.model_sources,
+        }
+        verdict = Applicability()
+
+        def refused(pancreas_found: bool) -> PancreasReport:
+            provenance.update(verdict.provenance())
+            log.info("not assessable: %s", verdict.reason)
+            return PancreasReport(
+                pipeline=self.name, algorithm=algo, source_sop_instance_uids=uids,
+                patient_score=0.0, pancreas_found=pancreas_found,
+                source_frame_numbers=frames, provenance=provenance,
+                not_assessable=verdict.reason,
+            )
+
+        check = self.settings.applicability
+        # A series without Modality is judged as what the pipeline is for (the rules for
+        # CT need HU); a stated other modality fails the series check.
+        as_modality = modality or self.stage2.manifest.input.modality
         t0 = time.perf_counter()
+        view = coarse_view(img, as_modality) if check else None
+        if view is not None:
+            verdict.add(series_check(
+                view, expected_modality=self.stage2.manifest.input.modality,
+                modality=info.modality or modality, body_part=info.body_part,
+                anatomic_region=info.anatomic_region, image_type=info.image_type))
+            timings["series_check_s"] = round(time.perf_counter() - t0, 3)
+            if verdict.failed:
+                return refused(False)
         with torch.inference_mode(), self._autocast():
+            t0 = time.perf_counter()
             s1 = self._stage1(img)
             timings["stage1_s"] = round(time.perf_counter() - t0, 3)
-            algo = AlgorithmInfo(name=f"ainode {self.name}", version=self.model_version(),
-                                 intended_use=self.stage2.manifest.intended_use)
-            provenance: dict[str, Any] = {
-                "models": self.model_identity(), "device": str(self.stage2.device),
-                "margin_mm": self.settings.margin_mm, "score_mode": self.settings.score_mode,
-                "stage1_max_probability": round(s1.prob_max, 4), "timings": timings,
-                **self.model_sources,
-            }
+            provenance["stage1_max_probability"] = round(s1.prob_max, 4)
             if not s1.mask.any():
                 log.info("pancreas not found (max probability %.2f)", s1.prob_max)
+                provenance.update(verdict.provenance())
                 return PancreasReport(
                     pipeline=self.name, algorithm=algo, source_sop_instance_uids=uids,
                     patient_score=0.0, pancreas_found=False, source_frame_numbers=frames,
                     provenance=provenance,
                 )
+            if view is not None:
+                verdict.add(anatomy_check(view, s1.mask, s1.grid, modality=as_modality,
+                                          pancreas_ml=s1.pancreas_ml,
+                                          predicted_ml=s1.predicted_ml))
+                if verdict.failed:
+                    return refused(True)
             roi = stage2_roi(s1.mask, s1.grid, margin_mm=self.settings.margin_mm,
                              spacing=self.stage2.manifest.input.spacing_mm,
                              patch_zyx=self.stage2.manifest.input.patch_size)
             t1 = time.perf_counter()
-            prob, cls = self._stage2(img, roi)
+            prob, cls, feats = self._stage2(img, roi)
             timings["stage2_s"] = round(time.perf_counter() - t1, 3)
+            if check:
+                comp = self.stage2.manifest.competence
+                verdict.add(competence_check(
+                    feats, self.stage2.competence, None if comp is None else comp.threshold,
+                    fitted_on="" if comp is None else comp.fitted_on))
+                if verdict.failed:
+                    return refused(True)
+            provenance.update(verdict.provenance())
             slice_dist = None
             if self.slice_model is not None:
                 t2 = time.perf_counter()
@@ -214,29 +300,46 @@ class PancreasPipeline:
             assert isinstance(logits, torch.Tensor)
             p = torch.softmax(logits.float(), dim=1)[0, 1:].sum(0).cpu().numpy()
         mask = p >= self.settings.pancreas_threshold
+        vox_ml = float(np.prod(grid.GetSpacing())) / 1000.0
+        predicted_ml = float(mask.sum()) * vox_ml
         labels, n = ndimage.label(mask)
         if n:
             sizes = ndimage.sum(mask, labels, index=range(1, n + 1))
             mask = labels == (int(np.argmax(sizes)) + 1)
-            vox_ml = float(np.prod(grid.GetSpacing())) / 1000.0
             if float(mask.sum()) * vox_ml < self.settings.min_pancreas_ml:
                 mask = np.zeros_like(mask)
-        return _Stage1(mask.astype(bool), grid, float(p.max()) if p.size else 0.0)
+        return _Stage1(mask.astype(bool), grid, float(p.max()) if p.size else 0.0,
+                       pancreas_ml=float(mask.sum()) * vox_ml, predicted_ml=predicted_ml)
 
     def _stage2(self, img: sitk.Image, roi: sitk.Image) -> tuple[
-            npt.NDArray[np.float32], npt.NDArray[np.float64] | None]:
+            npt.NDArray[np.float32], npt.NDArray[np.float64] | None,
+            npt.NDArray[np.float64] | None]:
+        """Lesion map on ``roi``, tumour-type distribution, and the case's pooled features.
+
+        The features (the mean over the sliding windows of what the classification
+        head reads) are what the competence check scores; None for a network that
+        does not expose them (MONAI bundle, nnU-Net, TorchScript).
+        """
         if self.stage2.manifest.weights.format == "nnunetv2":
             # Whole image through nnU-Net, then the lesion labels cut to the ROI grid.
             probs = self.stage2.module.predict_image(img)  # type: ignore[operator]
             les = sitk.GetImageFromArray(probs[2:].sum(0) if len(probs) > 2 else probs[1])
             les.CopyInformation(img)
-            return sitk.GetArrayFromImage(resample_like(les, roi)).astype(np.float32), None
+            return (sitk.GetArrayFromImage(resample_like(les, roi)).astype(np.float32),
+                    None, None)
         x, _ = model_input(img, self.stage2, roi)
         net = self.stage2.module
         windows: list[tuple[float, npt.NDArray[np.float64]]] = []
+        pooled: list[npt.NDArray[np.float64]] = []
+        with_features = callable(getattr(net, "forward_with_features", None))
 
         def predictor(patch: torch.Tensor) -> torch.Tensor:
-            out = net(patch)
+            if with_features:
+                seg_, cls_, feat = net.forward_with_features(patch)  # type: ignore[operator]
+                pooled.extend(feat.float().cpu().numpy().astype(np.float64))
+                out: Any = (seg_, cls_)
+            else:
+                out = net(patch)
             if isinstance(out, tuple | list):
                 seg, cls = out[0], out[1]
                 probs = torch.softmax(cls.float(), dim=1).cpu().numpy()
@@ -263,7 +366,36 @@ class PancreasPipeline:
         if windows:
             peak, best = max(windows, key=lambda w: w[0])
             cls = best if peak >= 0.5 else np.mean([w[1] for w in windows], axis=0)
-        return prob.cpu().numpy().astype(np.float32), cls
+        feats = np.mean(pooled, axis=0) if pooled else None
+        return prob.cpu().numpy().astype(np.float32), cls, feats
+
+    def case_features(self, img: sitk.Image, modality: str | None = None) -> tuple[
+            npt.NDArray[np.float64] | None, dict[str, Any]]:
+        """Stage 1 and 2 on ``img`` as :meth:`analyse` runs them: the pooled features.
+
+        What :mod:`pipelines.training.competence` fits its statistics on, so the
+        fitted and the scored features come from the very same code path. Also
+        returns the series and anatomy checks' record (None features when stage
+        1 finds no gland); the competence check itself is not applied.
+        """
+        img = sitk.Cast(img, sitk.sitkFloat32)
+        modality = modality or self.stage2.manifest.input.modality
+        view = coarse_view(img, modality)
+        verdict = Applicability()
+        verdict.add(series_check(view, expected_modality=self.stage2.manifest.input.modality,
+                                 modality=modality))
+        with torch.inference_mode(), self._autocast():
+            s1 = self._stage1(img)
+            if not s1.mask.any():
+                return None, verdict.provenance()
+            verdict.add(anatomy_check(view, s1.mask, s1.grid, modality=modality,
+                                      pancreas_ml=s1.pancreas_ml,
+                                      predicted_ml=s1.predicted_ml))
+            roi = stage2_roi(s1.mask, s1.grid, margin_mm=self.settings.margin_mm,
+                             spacing=self.stage2.manifest.input.spacing_mm,
+                             patch_zyx=self.stage2.manifest.input.patch_size)
+            _, _, feats = self._stage2(img, roi)
+        return feats, verdict.provenance()
 
     def _slice_input(self, img: sitk.Image, s1: _Stage1) -> torch.Tensor:
         """The slice classifier's 2.5D stack of the stage-1 ROI, (z, 3, y, x)."""
@@ -302,10 +434,18 @@ class PancreasPipeline:
         p_img = sitk.GetImageFromArray(prob)
         p_img.CopyInformation(roi)
         lesion_prob = sitk.GetArrayFromImage(resample_like(p_img, img)).astype(np.float32)
+        # More candidates than are reported: those away from the gland are dropped next.
         cands = extract_candidates(prob, fraction=st.candidate_fraction,
                                    min_confidence=st.min_confidence,
-                                   max_candidates=st.max_lesions,
+                                   max_candidates=3 * st.max_lesions,
                                    min_voxels=st.min_lesion_voxels)
+        kept, dropped = near_pancreas(cands, m1, roi, st.lesion_margin_mm)
+        kept = kept[:st.max_lesions]
+        provenance["candidates_outside_pancreas"] = [
+            {"confidence": round(c.confidence, 4),
+             "distance_to_pancreas_mm": round(d, 1) if np.isfinite(d) else None}
+            for c, d in dropped]
+        provenance["candidates_dropped_outside_pancreas"] = len(dropped)
         classification = None
         if cls is not None:
             classification = {t: float(v) for t, v in zip(TUMOUR_TYPES, cls, strict=True)}
@@ -317,7 +457,7 @@ class PancreasPipeline:
                                direction) if pancreas.any() else None
         arr = sitk.GetArrayFromImage(img)
         lesions: list[Lesion] = []
-        for c in cands:
+        for c, dist in kept:
             lab = sitk.GetImageFromArray(c.mask.astype(np.uint8))
             lab.CopyInformation(roi)
             mask = sitk.GetArrayFromImage(resample_like(lab, img, label=True)).astype(bool)
@@ -342,6 +482,7 @@ class PancreasPipeline:
                 len(pan_lps) > 3 else None,
                 mean_hu=round(float(arr[mask].mean()), 1) if modality == "CT" else None,
                 type_probabilities=classification,
+                distance_to_pancreas_mm=round(dist, 1),
             ))
         lesion_max = float(prob.max()) if prob.size else 0.0
         pdac = classification.get("PDAC") if classification else None
@@ -355,6 +496,30 @@ class PancreasPipeline:
             classification=classification, source_frame_numbers=frames,
             provenance=provenance,
         )
+
+
+def near_pancreas(cands: list[Candidate], pancreas: sitk.Image, roi: sitk.Image,
+                  margin_mm: float) -> tuple[list[tuple[Candidate, float]],
+                                             list[tuple[Candidate, float]]]:
+    """Split candidates (on ``roi``) into those within ``margin_mm`` of the gland and the rest.
+
+    The distance is from the candidate's nearest voxel to the nearest voxel of
+    the predicted pancreas (``pancreas``, a label image on any grid, resampled
+    onto ``roi``), 0 when they overlap: "overlaps the gland dilated by the
+    margin". Measured on the stage-2 grid, which is small, so the distance map
+    costs little even for a 512 x 512 x 300 source.
+    """
+    pan = sitk.GetArrayFromImage(resample_like(pancreas, roi, label=True)).astype(bool)
+    if not pan.any():
+        return [], [(c, float("inf")) for c in cands]
+    sx, sy, sz = roi.GetSpacing()
+    dist = ndimage.distance_transform_edt(~pan, sampling=(sz, sy, sx))
+    kept: list[tuple[Candidate, float]] = []
+    dropped: list[tuple[Candidate, float]] = []
+    for c in cands:
+        d = float(dist[c.mask].min()) if c.mask.any() else float(dist[c.peak_index])
+        (kept if d <= margin_mm else dropped).append((c, d))
+    return kept, dropped
 
 
 def aggregate_slices(p: npt.NDArray[np.float64], *, top_k: int = 3,

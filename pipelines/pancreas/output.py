@@ -98,6 +98,9 @@ class Lesion:
     label: str = "lesion"
     tracking_uid: str = ""  # minted before the writers run if empty
     type_probabilities: dict[str, float] | None = None
+    # From the candidate's nearest voxel to the predicted gland (0: it overlaps it); only
+    # candidates within the pipeline's lesion margin are reported at all.
+    distance_to_pancreas_mm: float | None = None
 
     @property
     def key(self) -> str:
@@ -130,9 +133,18 @@ class PancreasReport:
     classification: dict[str, float] | None = None  # over TUMOUR_TYPES
     source_frame_numbers: list[int] | None = None  # multi-frame sources only
     provenance: dict[str, Any] = field(default_factory=dict)
+    # Why the applicability step refused the series (it names the check), None when it
+    # passed. A refused report carries no lesion, and its result no segment.
+    not_assessable: str | None = None
+
+    @property
+    def assessable(self) -> bool:
+        return self.pancreas_found and self.not_assessable is None
 
     def summary(self) -> str:
         """One line per finding, the way the SR text and the CLI say it."""
+        if self.not_assessable is not None:
+            return f"Not assessable: {self.not_assessable}"
         if not self.pancreas_found:
             return f"Pancreas not found; no assessment possible (score {self.patient_score:.2f})"
         if not self.lesions:
@@ -142,7 +154,21 @@ class PancreasReport:
         return "; ".join(lesion_text(les) for les in self.lesions)
 
     def to_result(self) -> AnalysisResult:
-        """The generic result: the gland and each lesion as segments, the scores as findings."""
+        """The generic result: the gland and each lesion as segments, the scores as findings.
+
+        Refused by the applicability step: ``not_assessable`` with its reason and
+        nothing else (no segment, no finding; the SR then says "not assessable"
+        and why, with no lesion group), because a "Pancreas" segment or a PDAC
+        probability on a series the models cannot judge would be invented.
+        """
+        if self.not_assessable is not None:
+            return AnalysisResult(
+                pipeline=self.pipeline, algorithm=self.algorithm,
+                source_sop_instance_uids=list(self.source_sop_instance_uids),
+                status="not_assessable", reason=self.not_assessable,
+                summary_text=self.summary(), source_frame_numbers=self.source_frame_numbers,
+                provenance=self.provenance,
+            )
         segments: list[Segment] = []
         if self.pancreas_mask is not None:
             segments.append(Segment("pancreas", "Pancreas", ANATOMICAL_STRUCTURE, PANCREAS,
@@ -180,7 +206,8 @@ class PancreasReport:
                        f"{les.diameter_mm:.0f} mm, p={les.confidence:.2f}",
                 tracking_uid=les.tracking_uid,
                 details={"index": les.index, "centroid_lps_mm": list(les.centroid_lps_mm),
-                         "type_probabilities": les.type_probabilities or {}},
+                         "type_probabilities": les.type_probabilities or {},
+                         "distance_to_pancreas_mm": les.distance_to_pancreas_mm},
             ))
         return AnalysisResult(
             pipeline=self.pipeline, algorithm=self.algorithm,

@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
-__all__ = ["DIAGNOSES", "Phantom", "PhantomSpec", "generate"]
+__all__ = ["DIAGNOSES", "TISSUES", "Phantom", "PhantomSpec", "generate", "generate_labelmap"]
 
 Contrast = Literal["ct", "mr_t1"]
 DIAGNOSES: tuple[str, ...] = ("normal", "PDAC", "PNET", "IPMN", "other_benign")
@@ -94,7 +94,37 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: float
     return f / sd
 
 
+# The tissue classes the generator paints, in code order (0 = air). ``generate_labelmap``
+# returns a map of these codes so the same anatomy can be re-rendered with another
+# appearance model (pipelines.phantom.randomised); "duct" and "lesion" are the
+# pancreatic duct and the lesion (label 2), the rest are the keys of the tables above.
+TISSUES: tuple[str, ...] = (
+    "air", "fat", "soft", "muscle", "bone", "liver", "spleen", "kidney", "aorta", "vein",
+    "bowel", "fluid", "pancreas", "duct", "lesion",
+)
+
+
 def generate(spec: PhantomSpec) -> Phantom:
+    return _generate(spec, want_tissue=False)[0]
+
+
+def generate_labelmap(spec: PhantomSpec) -> tuple[Phantom, npt.NDArray[np.uint8]]:
+    """The phantom and its tissue map (codes index ``TISSUES``), drawn from the same seed.
+
+    Why: the generator's anatomy is one of the label-map sources of the randomised
+    (SynthSeg-style) generator. The phantom returned is exactly ``generate(spec)``;
+    the tissue map records which tissue each voxel was painted with before the
+    lesion blend, blur and noise (the lesion is where the label is 2).
+    """
+    phantom, tissue = _generate(spec, want_tissue=True)
+    assert tissue is not None
+    return phantom, tissue
+
+
+def _generate(
+    spec: PhantomSpec, *, want_tissue: bool
+) -> tuple[Phantom, npt.NDArray[np.uint8] | None]:
+    """``generate``'s body; with ``want_tissue`` every paint also writes its tissue code."""
     rng = np.random.default_rng(spec.seed)
     table = _CT if spec.contrast == "ct" else _MR
     tis = {k: float(m + s * rng.standard_normal()) for k, (m, s) in table.items()}
@@ -122,6 +152,12 @@ def generate(spec: PhantomSpec) -> Phantom:
     Z, Y, X = zs[:, None, None], ys[None, :, None], xs[None, None, :]  # noqa: N806
 
     img = np.full((nz, ny, nx), tis["air"], np.float32)
+    tissue = np.zeros(img.shape, np.uint8) if want_tissue else None
+
+    def paint(mask: npt.NDArray[np.bool_], key: str) -> None:
+        img[mask] = tis[key]
+        if tissue is not None:
+            tissue[mask] = TISSUES.index(key)
     z0 = float(rng.uniform(-12, 12))  # pancreas level within the field of view
 
     def ell(cx: float, cy: float, cz: float, ax: float, ay: float, az: float) -> npt.NDArray:
@@ -134,23 +170,23 @@ def generate(spec: PhantomSpec) -> Phantom:
     body = np.broadcast_to((X / a) ** 2 + (Y / b) ** 2 <= 1.0, img.shape)
     t_fat = rng.uniform(8, 25)
     inner = np.broadcast_to((X / (a - t_fat)) ** 2 + (Y / (b - t_fat)) ** 2 <= 1.0, img.shape)
-    img[body] = tis["fat"]
-    img[inner] = tis["soft"]
+    paint(body, "fat")
+    paint(inner, "soft")
     # Mesenteric fat islands: what makes the pancreas margin realistic to find.
     fat_field = _smooth_noise(rng, img.shape, sigma=4.0 / spacing[0])
-    img[inner & (fat_field > 0.6)] = tis["fat"]
+    paint(inner & (fat_field > 0.6), "fat")
     # Paraspinal muscles, spine, kidneys, liver, spleen, stomach, vessels.
-    img[cyl(-35, 75, 22) | cyl(35, 75, 22)] = tis["muscle"]
-    img[cyl(0, 60 + rng.uniform(-4, 4), 18)] = tis["bone"]
+    paint(cyl(-35, 75, 22) | cyl(35, 75, 22), "muscle")
+    paint(cyl(0, 60 + rng.uniform(-4, 4), 18), "bone")
     kz = z0 - 25 + rng.uniform(-10, 10)
-    img[ell(-62, 55, kz, 25, 30, 50) | ell(62, 55, kz + 10, 25, 30, 50)] = tis["kidney"]
-    img[ell(-75 + rng.uniform(-8, 8), -5, z0 + 45, 62, 78, 75)] = tis["liver"]
-    img[ell(88, 48, z0 + 30, 24, 38, 50)] = tis["spleen"]
+    paint(ell(-62, 55, kz, 25, 30, 50) | ell(62, 55, kz + 10, 25, 30, 50), "kidney")
+    paint(ell(-75 + rng.uniform(-8, 8), -5, z0 + 45, 62, 78, 75), "liver")
+    paint(ell(88, 48, z0 + 30, 24, 38, 50), "spleen")
     stomach = ell(55, -55, z0 + 35, 38, 28, 40)
-    img[stomach] = tis["bowel"]
-    img[ell(55, -55, z0 + 35, 30, 20, 32)] = tis["fluid"]
-    img[cyl(12, 35, rng.uniform(9, 13))] = tis["aorta"]
-    img[cyl(-22, 35, rng.uniform(10, 14))] = tis["vein"]
+    paint(stomach, "bowel")
+    paint(ell(55, -55, z0 + 35, 30, 20, 32), "fluid")
+    paint(cyl(12, 35, rng.uniform(9, 13)), "aorta")
+    paint(cyl(-22, 35, rng.uniform(10, 14)), "vein")
 
     # Pancreas: curved centreline head (right, caudal) -> neck -> body -> tail (left, cranial).
     ctrl = np.array([
@@ -163,11 +199,11 @@ def generate(spec: PhantomSpec) -> Phantom:
                        [rng.uniform(12, 16), 11, rng.uniform(7, 9), 8.5, rng.uniform(6, 8)])
     # SMV / portal confluence behind the neck, splenic vein along the posterior body/tail.
     nk = line[int(0.3 * len(line))]
-    img[ell(nk[0] + 3, nk[1] + 16, nk[2], 7, 7, 40)] = tis["vein"]
+    paint(ell(nk[0] + 3, nk[1] + 16, nk[2], 7, 7, 40), "vein")
     sv = line[int(0.35 * len(line)):] + np.array([0, 12, 0])
     # Duodenum: C-loop lateral to the head.
     hd = line[0]
-    img[ell(hd[0] - 22, hd[1] + 2, hd[2], 10, 12, 30)] = tis["bowel"]
+    paint(ell(hd[0] - 22, hd[1] + 2, hd[2], 10, 12, 30), "bowel")
 
     lo = np.floor((line.min(0) - 30 - np.array(origin)) / np.array(spacing)).astype(int)
     hi = np.ceil((line.max(0) + 30 - np.array(origin)) / np.array(spacing)).astype(int)
@@ -189,8 +225,14 @@ def generate(spec: PhantomSpec) -> Phantom:
     for p in sv[::3]:
         sv_d2 = np.minimum(sv_d2, (bx - p[0]) ** 2 + (by - p[1]) ** 2 + (bz - p[2]) ** 2)
     sub = img[sl]
-    sub[sv_d2 <= 16.0] = tis["vein"]
-    sub[gland] = tis["pancreas"]
+    tsub = tissue[sl] if tissue is not None else None
+
+    def paint_sub(mask: npt.NDArray[np.bool_], key: str, code: str | None = None) -> None:
+        sub[mask] = tis[key]
+        if tsub is not None:
+            tsub[mask] = TISSUES.index(code or key)
+    paint_sub(sv_d2 <= 16.0, "vein")
+    paint_sub(gland, "pancreas")
     label = np.zeros(img.shape, np.uint8)
     lab = label[sl]
     lab[gland] = 1
@@ -233,7 +275,7 @@ def generate(spec: PhantomSpec) -> Phantom:
             lesion = 1.0 / (1.0 + np.exp(-(r - dc) / 0.35))
             les_val = tis["fluid"] + float(rng.uniform(-5, 8))
     duct = dist <= np.where(gland, duct_r[near], 0.0)
-    sub[duct] = tis["fluid"]
+    paint_sub(duct, "fluid", "duct")
     lab[duct] = 1
     if diagnosis != "normal":
         lesion = lesion.astype(np.float32)
@@ -249,6 +291,8 @@ def generate(spec: PhantomSpec) -> Phantom:
         if not (lab == 2).any():
             idx = np.unravel_index(int(np.argmax(lesion)), lesion.shape)
             lab[idx] = 2
+        if tsub is not None:
+            tsub[lab == 2] = TISSUES.index("lesion")
 
     # Scanner: point-spread blur, then correlated noise of case-specific level.
     img = ndimage.gaussian_filter(img, sigma=(0.35, 0.5, 0.5))
@@ -263,7 +307,7 @@ def generate(spec: PhantomSpec) -> Phantom:
         image=img.astype(np.float32), label=label, spacing=spacing, origin=origin,
         diagnosis=diagnosis, lesion_diameter_mm=diam, lesion_location=location,
         meta={"noise_sd": sd},
-    )
+    ), tissue
 
 
 def _location_from_t(t: float) -> str:

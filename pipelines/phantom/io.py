@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -59,19 +59,28 @@ def write_dataset(
             else f"{p.lesion_diameter_mm:.1f}",
             "location": p.lesion_location or "",
         })
-    csv_path = out / "cases.csv"
-    existing: dict[str, dict[str, str]] = {}
+    merge_cases_csv(out / "cases.csv", rows, CASES_CSV_FIELDS)
+    return rows
+
+
+def merge_cases_csv(csv_path: Path, rows: Sequence[Mapping[str, str]],
+                    fields: Sequence[str]) -> None:
+    """Add or replace ``rows`` (by case id) in a dataset's ``cases.csv``, sorted by case.
+
+    A dataset is written in batches (``make train-demo`` resumes after an
+    interruption), so a later batch must keep the rows of the earlier ones.
+    """
+    existing: dict[str, Mapping[str, str]] = {}
     if csv_path.exists():
         with csv_path.open(newline="") as fh:
             existing = {r["case_id"]: r for r in csv.DictReader(fh)}
     for r in rows:
         existing[r["case_id"]] = r
     with csv_path.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=CASES_CSV_FIELDS)
+        w = csv.DictWriter(fh, fieldnames=list(fields))
         w.writeheader()
         for cid in sorted(existing):
-            w.writerow({k: existing[cid].get(k, "") for k in CASES_CSV_FIELDS})
-    return rows
+            w.writerow({k: existing[cid].get(k, "") for k in fields})
 
 
 def write_dicom_series(p: Phantom, out: Path, *, seed: int = 0) -> list[Path]:
@@ -118,7 +127,9 @@ def write_dicom_series(p: Phantom, out: Path, *, seed: int = 0) -> list[Path]:
         ds.InstanceNumber = k + 1
         ds.Manufacturer = "dicom-ai-node phantom"
         ds.SeriesDescription = f"Synthetic phantom ({p.diagnosis})"
-        ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
+        # ORIGINAL\PRIMARY: it stands in for an acquired axial CT; routing skips DERIVED
+        # images (storage.image_kind), so a derived phantom would never reach a pipeline.
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         ds.PatientPosition = "HFS"
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         z = p.origin[2] + k * p.spacing[2]

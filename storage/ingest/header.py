@@ -59,6 +59,7 @@ ROUTING_KEYWORDS: tuple[str, ...] = (
     "SeriesNumber",
     "PatientPosition",
     "PixelSpacing",
+    "PhotometricInterpretation",
     "SequenceName",
     "MagneticFieldStrength",
     "StationName",

@@ -7,7 +7,8 @@ from pathlib import Path
 import pydicom
 from pydicom.uid import generate_uid
 
-__all__ = ["SHARED_DATA", "dicom_series_dir", "list_series_dirs", "repaired_siemens"]
+__all__ = ["SHARED_DATA", "dicom_series_dir", "list_series_dirs", "repaired_siemens",
+           "sr_texts"]
 
 SHARED_DATA = (Path(__file__).resolve().parents[2] / ".." / "shared" / "data").resolve()
 DICOM = SHARED_DATA / "dicom"
@@ -42,3 +43,13 @@ def repaired_siemens(tmp: Path) -> Path:
         ds.SeriesInstanceUID = series
         ds.save_as(out / f.name, enforce_file_format=True)
     return out
+
+
+def sr_texts(ds: pydicom.Dataset) -> list[str]:
+    """Every TEXT value in an SR content tree, depth first."""
+    found: list[str] = []
+    for item in ds.get("ContentSequence", []):
+        if item.get("ValueType") == "TEXT":
+            found.append(str(item.TextValue))
+        found.extend(sr_texts(item))
+    return found

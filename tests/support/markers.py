@@ -65,6 +65,7 @@ SLOW: frozenset[str] = frozenset({
     "tests/test_ingest_network.py::test_unsupported_sop_class_is_refused_at_negotiation",
     "tests/test_ingest_storage.py::test_series_completes_after_stable_age_and_reopens_on_late_instance[postgresql]",
     "tests/test_ingest_storage.py::test_series_is_stored_once_per_instance_with_rows_files_and_audit[sqlite]",
+    "tests/test_jobs_cli.py::test_a_not_assessable_job_reports_only_its_verdict_and_is_counted",
     "tests/test_jobs_cli.py::test_reprocess_list_show_cancel_retry",
     "tests/test_models_bundle.py::test_bundle_works_as_stage1_of_the_pipeline",
     "tests/test_models_package.py::test_a_package_imported_into_models_dir_is_what_a_job_runs",

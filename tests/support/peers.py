@@ -7,12 +7,19 @@ runs it too; what only the tests need is here.
 
 from __future__ import annotations
 
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 from node import pacs
 from node.pacs import Orthanc, dcmtk_env, find_tool
 from tests.support.markers import peer_entry
-from tests.support.net import wait_for
+from tests.support.net import free_port, wait_for
+from tests.support.services import port_open
 
-__all__ = ["Orthanc", "dcmtk_env", "orthanc", "orthanc_binary", "require", "wait_instances"]
+__all__ = ["Orthanc", "dcmtk_env", "orthanc", "orthanc_binary", "require", "store_scp",
+           "wait_instances"]
 
 
 orthanc = peer_entry("Orthanc")(pacs.orthanc)
@@ -44,3 +51,21 @@ def wait_instances(server: Orthanc, count: int, timeout: float = 60) -> list[str
         return ids if len(ids) >= count else []
 
     return wait_for(enough, timeout=timeout, what=f"{count} instances in Orthanc")
+
+
+@contextmanager
+@peer_entry("dcmtk storescp")
+def store_scp(folder: Path, aet: str) -> Iterator[int]:
+    """dcmtk ``storescp`` as a destination PACS writing what it receives into ``folder``;
+    yields its port once it listens."""
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    proc = subprocess.Popen([require("storescp"), "-aet", aet, "-od", str(folder), str(port)],
+                            env=dcmtk_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: port_open("127.0.0.1", port), timeout=30, what="storescp to listen")
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
