@@ -205,12 +205,15 @@ class PancreasPipeline:
         }
         verdict = Applicability()
 
-        def refused(pancreas_found: bool) -> PancreasReport:
+        def refused(s1: _Stage1 | None = None) -> PancreasReport:
+            """The report of a refused case. What stage 1 drew stays on it (on the source
+            grid) so that evaluation can score stage 1; the generic result drops it."""
             provenance.update(verdict.provenance())
             log.info("not assessable: %s", verdict.reason)
             return PancreasReport(
                 pipeline=self.name, algorithm=algo, source_sop_instance_uids=uids,
-                patient_score=0.0, pancreas_found=pancreas_found,
+                patient_score=0.0, pancreas_found=s1 is not None,
+                pancreas_mask=None if s1 is None else _mask_on_source(s1, img),
                 source_frame_numbers=frames, provenance=provenance,
                 not_assessable=verdict.reason,
             )
@@ -228,7 +231,7 @@ class PancreasPipeline:
                 anatomic_region=info.anatomic_region, image_type=info.image_type))
             timings["series_check_s"] = round(time.perf_counter() - t0, 3)
             if verdict.failed:
-                return refused(False)
+                return refused()
         with torch.inference_mode(), self._autocast():
             t0 = time.perf_counter()
             s1 = self._stage1(img)
@@ -247,7 +250,7 @@ class PancreasPipeline:
                                           pancreas_ml=s1.pancreas_ml,
                                           predicted_ml=s1.predicted_ml))
                 if verdict.failed:
-                    return refused(True)
+                    return refused(s1)
             roi = stage2_roi(s1.mask, s1.grid, margin_mm=self.settings.margin_mm,
                              spacing=self.stage2.manifest.input.spacing_mm,
                              patch_zyx=self.stage2.manifest.input.patch_size)
@@ -260,7 +263,7 @@ class PancreasPipeline:
                     feats, self.stage2.competence, None if comp is None else comp.threshold,
                     fitted_on="" if comp is None else comp.fitted_on))
                 if verdict.failed:
-                    return refused(True)
+                    return refused(s1)
             provenance.update(verdict.provenance())
             slice_dist = None
             if self.slice_model is not None:
@@ -520,6 +523,12 @@ def near_pancreas(cands: list[Candidate], pancreas: sitk.Image, roi: sitk.Image,
         d = float(dist[c.mask].min()) if c.mask.any() else float(dist[c.peak_index])
         (kept if d <= margin_mm else dropped).append((c, d))
     return kept, dropped
+
+
+def _mask_on_source(s1: _Stage1, img: sitk.Image) -> npt.NDArray[np.bool_]:
+    m1 = sitk.GetImageFromArray(s1.mask.astype(np.uint8))
+    m1.CopyInformation(s1.grid)
+    return sitk.GetArrayFromImage(resample_like(m1, img, label=True)).astype(bool)
 
 
 def aggregate_slices(p: npt.NDArray[np.float64], *, top_k: int = 3,
