@@ -34,7 +34,7 @@ from pipelines.phantom.randomised import (
 
 SP = (3.0, 3.0, 3.0)  # coarse grid: these tests must stay fast
 REAL = real_sources_available()
-NO_DATA = f"{data_root()} absent (real label maps)"
+NO_DATA = f"{data_root()} absent (real label maps): the project expects ../shared/data"
 
 
 def _case(seed: int, **kw: Any) -> Any:
@@ -151,8 +151,7 @@ def test_elastic_deformation_keeps_one_plausible_pancreas_and_changes_it() -> No
 
 @pytest.mark.parametrize("source", ["amos", "totalseg"])
 def test_real_label_map_source(source: str) -> None:
-    if not REAL[source]:
-        pytest.skip(NO_DATA)
+    assert REAL[source], NO_DATA  # CI has ../shared/data; absent data fails, as elsewhere
     c = _case(61, source=source, diagnosis="PDAC", lesion_diameter_mm=20.0)
     assert c.source == source
     present = {STRUCTURES[i] for i in np.unique(c.tissue)}
@@ -195,8 +194,7 @@ def test_dataset_is_read_by_training_and_evaluation(tmp_path: Path) -> None:
 
 
 def test_lesion_in_the_real_ct_background(tmp_path: Path) -> None:
-    if not REAL["totalseg"]:
-        pytest.skip(NO_DATA)
+    assert REAL["totalseg"], NO_DATA  # CI has ../shared/data; absent data fails, as elsewhere
     from pipelines.phantom.labelmaps import TOTALSEG_CT, TOTALSEG_SEG
 
     ct = sitk.ReadImage(str(data_root() / TOTALSEG_CT), sitk.sitkFloat32)
