@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import inspect
 import logging
-import re
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from importlib.metadata import Distribution, EntryPoint, distributions
+from importlib.metadata import EntryPoint
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from pipelines.plugins import published
 from storage.errors import ModelError
 
 if TYPE_CHECKING:
@@ -99,38 +99,21 @@ def refresh() -> None:
         _loaded.clear()
 
 
-def _dist_name(dist: Distribution) -> str:
-    return str(dist.metadata["Name"] or "?")
-
-
-def _same_dist(name: str) -> str:
-    """PEP 503 normalisation: ``dicom_ai_node`` and ``dicom-ai-node`` are one distribution."""
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
 def _discover() -> dict[str, _Source]:
     """Every installed distribution's entry points in :data:`GROUP`.
 
-    Read from all copies of a distribution's metadata, not only the first on
-    ``sys.path`` (what ``importlib.metadata.entry_points`` keeps): a stale
-    ``*.egg-info`` left in a checkout sits first on the path when the node runs
-    from it and would otherwise hide the installed pipelines. For one
-    distribution the first copy that names a pipeline wins; two distributions
-    naming the same pipeline are a conflict, refused when it is asked for.
+    Read through :func:`pipelines.plugins.published` (every copy of the
+    metadata, first copy per distribution); two distributions naming the
+    same pipeline are a conflict, refused when it is asked for.
     """
     global _discovered
     if _discovered is None:
         found: dict[str, _Source] = {}
-        owners: dict[str, dict[str, str]] = {}  # pipeline -> {dist name: origin}
-        for dist in distributions():
-            dname = _dist_name(dist)
-            for ep in dist.entry_points.select(group=GROUP):
-                seen = owners.setdefault(ep.name, {})
-                if _same_dist(dname) in seen:
-                    continue
-                origin = f"{ep.value}, entry point of {dname} {dist.version}"
-                seen[_same_dist(dname)] = origin
-                found.setdefault(ep.name, _Source(origin, entry_point=ep))
+        owners: dict[str, dict[str, str]] = {}  # pipeline -> {distribution: origin}
+        for pub in published(GROUP):
+            name = pub.entry_point.name
+            owners.setdefault(name, {})[pub.key] = pub.origin
+            found.setdefault(name, _Source(pub.origin, entry_point=pub.entry_point))
         _conflicts.clear()
         _conflicts.update({n: list(o.values()) for n, o in owners.items() if len(o) > 1})
         _discovered = found

@@ -41,6 +41,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from storage.errors import GeometryError, InputError
+from storage.image_kind import is_localizer_type
 
 __all__ = [
     "GEOMETRY_TOLERANCE_MM",
@@ -67,7 +68,6 @@ _MIXED_STEP_MM = 0.05
 # Total in-plane drift of the stack allowed, as a fraction of the pixel spacing.
 _SHEAR_FRACTION = 0.1
 
-_LOCALIZER_WORDS = frozenset({"LOCALIZER", "SCOUT", "TOPOGRAM", "SCANOGRAM", "SURVIEW"})
 
 
 @dataclass(frozen=True, eq=False)
@@ -200,17 +200,6 @@ def _instance_number(ds: Dataset) -> int | None:
         return None
 
 
-def _is_localizer(ds: Dataset) -> bool:
-    image_type = ds.get("ImageType")
-    words: set[str] = set()
-    if image_type is not None:
-        is_single = isinstance(image_type, str) or not isinstance(image_type, Sequence)
-        values = [image_type] if is_single else image_type
-        for v in values:
-            words.update(str(v).upper().replace("_", " ").split())
-    return bool(words & _LOCALIZER_WORDS)
-
-
 def _group(ds: Dataset, frame: int, sequence: str) -> Dataset | None:
     """One functional group item for ``frame``: per-frame first, then shared."""
     for owner in ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"):
@@ -233,7 +222,7 @@ def _slices_of(path: Path, ds: Dataset) -> list[_Slice]:
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if rows <= 0 or cols <= 0:
         raise GeometryError(f"{where}: not an image (Rows/Columns missing)")
-    localizer = _is_localizer(ds)
+    localizer = is_localizer_type(ds.get("ImageType"))
     number = _instance_number(ds)
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     if "PerFrameFunctionalGroupsSequence" in ds:
@@ -252,9 +241,7 @@ def _slices_of(path: Path, ds: Dataset) -> list[_Slice]:
                 )
             frame_localizer = localizer
             if frame_type is not None and "FrameType" in frame_type:
-                ft = Dataset()
-                ft.ImageType = frame_type.FrameType
-                frame_localizer = frame_localizer or _is_localizer(ft)
+                frame_localizer = frame_localizer or is_localizer_type(frame_type.FrameType)
             spacing = _floats(meas.get("PixelSpacing"), 2, "PixelSpacing", where)
             out.append(
                 _Slice(

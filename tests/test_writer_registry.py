@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
-from importlib.metadata import EntryPoint
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +31,7 @@ from pipelines.results import (
     Segment,
 )
 from storage.errors import ConfigError, InputError
+from tests.plugins import publish
 from tests.support.data import dicom_series_dir
 
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"  # no built-in kind has it
@@ -168,20 +168,19 @@ def test_a_writer_must_return_datasets(sources: list[pydicom.Dataset]) -> None:
         registry.unregister("JUNK")
 
 
-def _plugin(tmp_path: Path, body: str) -> EntryPoint:
+def _plugin(tmp_path: Path, body: str) -> None:
+    """A plug-in module published as pip would publish it (a dist-info on sys.path)."""
     (tmp_path / "ainode_txt_plugin.py").write_text(body)
-    return EntryPoint(name="txt", value="ainode_txt_plugin", group=registry.GROUP)
+    publish(tmp_path, "ainode-txt-plugin", {registry.GROUP: {"txt": "ainode_txt_plugin"}})
 
 
 def test_entry_point_plugins_are_imported_on_first_use(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    ep = _plugin(tmp_path, (
+    _plugin(tmp_path, (
         "from pipelines.dicom_out.registry import writer\n"
         f"@writer('EPTXT', sop_classes=('{BASIC_TEXT_SR}',), series_offset=70, default=True)\n"
         "def write(ctx):\n    return None\n"))
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(registry, "entry_points", lambda group: [ep] if group == registry.GROUP
-                        else [])
     monkeypatch.setattr(registry, "_discovered", False)
     try:
         assert "EPTXT" in registry.kinds() and "EPTXT" in default_accepts()
@@ -192,9 +191,8 @@ def test_entry_point_plugins_are_imported_on_first_use(
 
 def test_a_broken_plugin_stops_the_config_check(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    ep = _plugin(tmp_path, "raise RuntimeError('half installed')\n")
+    _plugin(tmp_path, "raise RuntimeError('half installed')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(registry, "entry_points", lambda group: [ep])
     monkeypatch.setattr(registry, "_discovered", False)
     try:
         with pytest.raises(ConfigError, match=r"writer plug-in 'txt'.*half installed"):

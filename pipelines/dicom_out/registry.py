@@ -42,9 +42,9 @@ import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from pipelines.plugins import published
 from storage.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
@@ -180,7 +180,7 @@ def _discover() -> None:
             return
         _discovered = True  # before importing: a plug-in may ask the registry itself
         importlib.import_module(BUILTINS)
-        for ep in entry_points(group=GROUP):
+        for ep in (pub.entry_point for pub in published(GROUP)):
             try:
                 ep.load()
             except Exception as exc:  # any error of a plug-in's import is the plug-in's fault

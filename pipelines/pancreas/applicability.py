@@ -36,6 +36,8 @@ import numpy.typing as npt
 import SimpleITK as sitk  # noqa: N813
 from scipy import ndimage
 
+from storage.image_kind import is_localizer_type
+
 __all__ = [
     "ANATOMY",
     "COMPETENCE",
@@ -108,7 +110,6 @@ _OTHER_REGIONS = ("BRAIN", "HEAD", "SKULL", "NECK", "ORBIT", "SINUS", "FACE", "I
                   "HAND", "WRIST", "ELBOW", "SHOULDER", "LEG", "KNEE", "ANKLE", "FOOT",
                   "HIP", "THIGH", "BREAST", "HEART", "CHEST", "THORAX", "LUNG", "PELVIS",
                   "PROSTATE", "BLADDER")
-_LOCALIZER_WORDS = frozenset({"LOCALIZER", "SCOUT", "TOPOGRAM", "SCANOGRAM", "SURVIEW"})
 
 
 @dataclass(slots=True)
@@ -317,8 +318,7 @@ def series_check(view: CoarseView, *, expected_modality: str, modality: str,
     for what, value in (("body part", body_part), ("anatomic region", anatomic_region)):
         if body_part_verdict(value) is False:
             check.failed.append(f"{what} {value} is not the abdomen")
-    words = {w for v in image_type for w in str(v).upper().replace("_", " ").split()}
-    if words & _LOCALIZER_WORDS:
+    if is_localizer_type(list(image_type)):
         check.failed.append("a localizer image, not a cross-sectional series")
     if fov_lr < MIN_FOV_LR_MM or fov_ap < MIN_FOV_AP_MM or fov_si < MIN_FOV_SI_MM:
         check.failed.append(

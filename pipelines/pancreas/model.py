@@ -251,9 +251,7 @@ class PancreasPipeline:
                                           predicted_ml=s1.predicted_ml))
                 if verdict.failed:
                     return refused(s1)
-            roi = stage2_roi(s1.mask, s1.grid, margin_mm=self.settings.margin_mm,
-                             spacing=self.stage2.manifest.input.spacing_mm,
-                             patch_zyx=self.stage2.manifest.input.patch_size)
+            roi = self._roi(s1)
             t1 = time.perf_counter()
             prob, cls, feats = self._stage2(img, roi)
             timings["stage2_s"] = round(time.perf_counter() - t1, 3)
@@ -394,11 +392,15 @@ class PancreasPipeline:
             verdict.add(anatomy_check(view, s1.mask, s1.grid, modality=modality,
                                       pancreas_ml=s1.pancreas_ml,
                                       predicted_ml=s1.predicted_ml))
-            roi = stage2_roi(s1.mask, s1.grid, margin_mm=self.settings.margin_mm,
-                             spacing=self.stage2.manifest.input.spacing_mm,
-                             patch_zyx=self.stage2.manifest.input.patch_size)
+            roi = self._roi(s1)
             _, _, feats = self._stage2(img, roi)
         return feats, verdict.provenance()
+
+    def _roi(self, s1: _Stage1) -> sitk.Image:
+        """Stage 2's grid from stage 1's gland (the rule training cuts its samples by)."""
+        inp = self.stage2.manifest.input
+        return stage2_roi(s1.mask, s1.grid, margin_mm=self.settings.margin_mm,
+                          spacing=inp.spacing_mm, patch_zyx=inp.patch_size)
 
     def _slice_input(self, img: sitk.Image, s1: _Stage1) -> torch.Tensor:
         """The slice classifier's 2.5D stack of the stage-1 ROI, (z, 3, y, x)."""
@@ -431,9 +433,8 @@ class PancreasPipeline:
         ox, oy, oz = (float(o) for o in img.GetOrigin())
         spacing, origin = (sx, sy, sz), (ox, oy, oz)
         direction = tuple(float(d) for d in img.GetDirection())
-        m1 = sitk.GetImageFromArray(s1.mask.astype(np.uint8))
-        m1.CopyInformation(s1.grid)
-        pancreas = sitk.GetArrayFromImage(resample_like(m1, img, label=True)).astype(bool)
+        m1 = _stage1_image(s1)
+        pancreas = _mask_on_source(s1, img, m1)
         p_img = sitk.GetImageFromArray(prob)
         p_img.CopyInformation(roi)
         lesion_prob = sitk.GetArrayFromImage(resample_like(p_img, img)).astype(np.float32)
@@ -525,9 +526,16 @@ def near_pancreas(cands: list[Candidate], pancreas: sitk.Image, roi: sitk.Image,
     return kept, dropped
 
 
-def _mask_on_source(s1: _Stage1, img: sitk.Image) -> npt.NDArray[np.bool_]:
+def _stage1_image(s1: _Stage1) -> sitk.Image:
     m1 = sitk.GetImageFromArray(s1.mask.astype(np.uint8))
     m1.CopyInformation(s1.grid)
+    return m1
+
+
+def _mask_on_source(s1: _Stage1, img: sitk.Image,
+                    m1: sitk.Image | None = None) -> npt.NDArray[np.bool_]:
+    """Stage 1's gland on the source grid (``m1``: its image, when already made)."""
+    m1 = _stage1_image(s1) if m1 is None else m1
     return sitk.GetArrayFromImage(resample_like(m1, img, label=True)).astype(bool)
 
 
