@@ -128,3 +128,19 @@ def test_candidates_stop_at_min_confidence_and_max_count() -> None:
     assert extract_candidates(np.zeros(shape, np.float32)) == []
     with pytest.raises(ValueError):
         extract_candidates(p, fraction=1.5)
+
+
+def test_farthest_pair_in_blocks_is_the_full_matrix_answer_to_the_bit() -> None:
+    """The diameter's pair search runs block by block (a 3000-point hull would need a
+    216 MB difference array at once): the same pair, first in row-major order on ties,
+    and the same squared distance as the full matrix."""
+    from pipelines.pancreas.measures import _farthest_pair
+
+    rng = np.random.default_rng(11)
+    for n in (2, 3, 255, 256, 257, 700):
+        for pts in (rng.random((n, 3)) * 40.0,  # no ties
+                    rng.integers(0, 4, (n, 3)).astype(np.float64) * 0.7):  # many ties
+            d2 = ((pts[:, None, :] - pts[None, :, :]) ** 2).sum(-1)
+            i, j = np.unravel_index(int(np.argmax(d2)), d2.shape)
+            for rows in (1, 5, 256):
+                assert _farthest_pair(pts, rows) == (i, j, float(d2.max()))

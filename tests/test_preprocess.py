@@ -458,3 +458,28 @@ def test_config_builds_presets_and_refuses_nonsense() -> None:
     assert for_modality("CT").name == "ct_pancreas" and for_modality("MR").name == "mr_t1"
     with pytest.raises(ConfigError, match="no preprocessing preset"):
         for_modality("US")
+
+
+def test_pixels_is_the_resampled_image_itself_and_keeps_it_alive() -> None:
+    """``pixels``: GetArrayFromImage's values without its copy; writable; the image
+    lives as long as the array (the pipeline keeps source-grid maps this way)."""
+    import gc
+
+    from pipelines.preprocess import pixels, resample_like
+
+    rng = np.random.default_rng(3)
+    src = sitk.GetImageFromArray(rng.random((7, 9, 11)).astype(np.float32))
+    src.SetSpacing((0.7, 0.9, 2.0))
+    ref = sitk.Image([23, 19, 13], sitk.sitkUInt8)
+    ref.SetSpacing((0.4, 0.5, 1.1))
+    for label in (False, True):
+        img = sitk.Cast(src > 0.5, sitk.sitkUInt8) if label else src
+        want = sitk.GetArrayFromImage(resample_like(img, ref, label=label))
+        got = pixels(resample_like(img, ref, label=label))
+        gc.collect()  # the image is referenced by the array alone now
+        assert got.dtype == want.dtype and got.shape == want.shape == (13, 19, 23)
+        assert np.array_equal(got, want) and got.flags.writeable
+        if label:  # a 0/1 label seen as bool is the same array as astype(bool)
+            assert np.array_equal(got.view(np.bool_), want.astype(bool))
+        got[0, 0, 0] = 1
+        assert got[0, 0, 0] == 1

@@ -66,14 +66,32 @@ def long_axis_diameter_mm(mask: npt.NDArray[np.bool_],
             pts = pts[ConvexHull(pts).vertices]
     if len(pts) > 3000:
         pts = pts[:: len(pts) // 3000 + 1]
-    diff = pts[:, None, :] - pts[None, :, :]
-    dmax = float(np.sqrt((diff**2).sum(-1)).max()) if len(pts) > 1 else 0.0
+    i, j, d2 = _farthest_pair(pts)
+    dmax = float(np.sqrt(d2)) if len(pts) > 1 else 0.0
     if dmax == 0.0:
         return float(max(spacing))
     # Add one voxel extent along the measured direction.
-    i, j = np.unravel_index(int(np.argmax((diff**2).sum(-1))), (len(pts), len(pts)))
     u = np.abs(pts[i] - pts[j]) / dmax
     return dmax + float(np.dot(u, np.asarray(spacing)))
+
+
+def _farthest_pair(pts: npt.NDArray[np.float64],
+                   rows: int = 256) -> tuple[int, int, float]:
+    """The first (row-major) pair of points farthest apart, and their squared distance.
+
+    A block of rows at a time: the full (n, n, 3) difference array of 3000 points
+    would be 216 MB, and its square as much again. The same arithmetic per pair as
+    the full array, so the same pair and the same distance to the bit.
+    """
+    best, bi, bj = -1.0, 0, 0
+    for start in range(0, len(pts), rows):
+        diff = pts[start:start + rows, None, :] - pts[None, :, :]
+        d2 = (diff**2).sum(-1)
+        k = int(np.argmax(d2))
+        if float(d2.flat[k]) > best:  # strictly: an earlier block keeps a tie
+            best = float(d2.flat[k])
+            bi, bj = start + k // len(pts), k % len(pts)
+    return bi, bj, best
 
 
 def pancreas_axis(pancreas_lps: npt.NDArray[np.float64]) -> tuple[npt.NDArray, npt.NDArray]:

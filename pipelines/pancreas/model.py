@@ -48,7 +48,7 @@ from pipelines.pancreas.measures import (
 )
 from pipelines.pancreas.output import TUMOUR_TYPES, Lesion, PancreasReport
 from pipelines.pancreas.preprocess import model_input, slice_roi, slice_stack, stage2_roi
-from pipelines.preprocess import resample_like
+from pipelines.preprocess import pixels, resample_like
 from pipelines.results import AlgorithmInfo, AnalysisResult
 from storage.errors import ModelError, PipelineError
 
@@ -184,7 +184,9 @@ class PancreasPipeline:
             )
         if img.GetSize()[2] < 1:
             raise PipelineError("input", "empty volume")
-        return self.analyse(sitk.Cast(img, sitk.sitkFloat32), uids, frames, modality, info)
+        if img.GetPixelID() != sitk.sitkFloat32:  # no second copy of a float32 source grid
+            img = sitk.Cast(img, sitk.sitkFloat32)
+        return self.analyse(img, uids, frames, modality, info)
 
     def analyse(self, img: sitk.Image, uids: list[str], frames: list[int] | None,
                 modality: str, info: SeriesInfo | None = None) -> PancreasReport:
@@ -379,7 +381,8 @@ class PancreasPipeline:
         returns the series and anatomy checks' record (None features when stage
         1 finds no gland); the competence check itself is not applied.
         """
-        img = sitk.Cast(img, sitk.sitkFloat32)
+        if img.GetPixelID() != sitk.sitkFloat32:
+            img = sitk.Cast(img, sitk.sitkFloat32)
         modality = modality or self.stage2.manifest.input.modality
         view = coarse_view(img, modality)
         verdict = Applicability()
@@ -437,7 +440,9 @@ class PancreasPipeline:
         pancreas = _mask_on_source(s1, img, m1)
         p_img = sitk.GetImageFromArray(prob)
         p_img.CopyInformation(roi)
-        lesion_prob = sitk.GetArrayFromImage(resample_like(p_img, img)).astype(np.float32)
+        # The resampled map itself (float32), not a copy of it: 300 MB on a 512x512x300 grid.
+        lesion_prob: npt.NDArray[np.float32] = pixels(resample_like(p_img, img))
+        del p_img
         # More candidates than are reported: those away from the gland are dropped next.
         cands = extract_candidates(prob, fraction=st.candidate_fraction,
                                    min_confidence=st.min_confidence,
@@ -459,12 +464,12 @@ class PancreasPipeline:
                 classification = dict(slice_dist)
         pan_lps = voxel_to_lps(np.argwhere(pancreas).astype(np.float64), spacing, origin,
                                direction) if pancreas.any() else None
-        arr = sitk.GetArrayFromImage(img)
+        arr = sitk.GetArrayViewFromImage(img)  # read only, while img lives: no copy
         lesions: list[Lesion] = []
         for c, dist in kept:
             lab = sitk.GetImageFromArray(c.mask.astype(np.uint8))
             lab.CopyInformation(roi)
-            mask = sitk.GetArrayFromImage(resample_like(lab, img, label=True)).astype(bool)
+            mask = _label_on(lab, img)
             if not mask.any():  # thinner than one source slice: keep its peak voxel
                 peak = roi.TransformIndexToPhysicalPoint([int(i) for i in c.peak_index[::-1]])
                 try:
@@ -536,7 +541,19 @@ def _mask_on_source(s1: _Stage1, img: sitk.Image,
                     m1: sitk.Image | None = None) -> npt.NDArray[np.bool_]:
     """Stage 1's gland on the source grid (``m1``: its image, when already made)."""
     m1 = _stage1_image(s1) if m1 is None else m1
-    return sitk.GetArrayFromImage(resample_like(m1, img, label=True)).astype(bool)
+    return _label_on(m1, img)
+
+
+def _label_on(label: sitk.Image, img: sitk.Image) -> npt.NDArray[np.bool_]:
+    """A 0/1 uint8 label image on ``img``'s grid as a bool array.
+
+    The resampled image's own buffer seen as bool (nearest neighbour keeps the
+    values 0 and 1, the bytes of False and True), the same array as
+    ``GetArrayFromImage(...).astype(bool)`` without its two source-grid copies.
+    """
+    assert label.GetPixelID() == sitk.sitkUInt8
+    out: npt.NDArray[np.bool_] = pixels(resample_like(label, img, label=True)).view(np.bool_)
+    return out
 
 
 def aggregate_slices(p: npt.NDArray[np.float64], *, top_k: int = 3,

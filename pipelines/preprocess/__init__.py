@@ -30,6 +30,7 @@ from pipelines.preprocess.core import (
 from pipelines.preprocess.grids import (
     Grid,
     grid_of,
+    pixels,
     reference_image,
     resample_like,
     resample_to_spacing,
@@ -111,6 +112,7 @@ __all__ = [
     "mr_t1",
     "mr_t1_zscore",
     "normalise",
+    "pixels",
     "reference_image",
     "resample_like",
     "resample_to_spacing",

@@ -10,6 +10,7 @@ Arrays are (z, y, x); SimpleITK sizes and spacings are (x, y, z).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -18,6 +19,7 @@ import SimpleITK as sitk  # noqa: N813
 __all__ = [
     "Grid",
     "grid_of",
+    "pixels",
     "reference_image",
     "resample_like",
     "resample_to_grid",
@@ -46,6 +48,29 @@ def reference_image(grid: Grid, pixel_id: int = sitk.sitkUInt8) -> sitk.Image:
     image.SetOrigin([float(v) for v in grid["origin"]])
     image.SetDirection([float(v) for v in grid["direction"]])
     return image
+
+
+class _Owner:
+    """An image's buffer as numpy sees it, holding the image while any array uses it."""
+
+    def __init__(self, image: sitk.Image) -> None:
+        view = sitk.GetArrayViewFromImage(image)  # makes the buffer this image's own
+        interface = dict(view.__array_interface__)
+        interface["data"] = (interface["data"][0], False)  # writable: no one else holds it
+        self.__array_interface__ = interface
+        self._image = image
+
+
+def pixels(image: sitk.Image) -> npt.NDArray[Any]:
+    """The (z, y, x) pixels of an image the caller hands over, without a copy.
+
+    For an image no one else uses (a resampling's output): ``GetArrayFromImage``
+    would hold the image and its copy at once (twice a 300 MB source grid), and
+    ``GetArrayViewFromImage`` is read-only and dies with the image. This array
+    keeps the image alive and may be written; the caller must not use the image
+    any more (nor an image sharing its buffer).
+    """
+    return np.asarray(_Owner(image))
 
 
 def _grid(like: sitk.Image, spacing: Sequence[float] | npt.NDArray[np.float64],
