@@ -66,13 +66,16 @@ __all__ = [
     "Services",
     "clean_spool",
     "close_series",
+    "decisive_attributes",
     "dispatch_jobs",
     "evaluate_series",
+    "not_an_image_series",
     "record_turnaround",
     "register_tasks",
     "registry_model_version",
     "route_series",
     "send_results",
+    "skip_decision",
 ]
 
 log = logging.getLogger(__name__)
@@ -203,10 +206,10 @@ def _route_one(session: Session, services: Services, series: Series,
               rules={ev.rule: ev.explain() for ev in evaluations})
         log.info("series matched no rule", extra={"series_uid": series.series_instance_uid})
         return RoutingOutcome(series.series_instance_uid, tuple(evaluations), (), ())
-    skipped = _not_an_image(session, series, services.store)
+    skipped = not_an_image_series(session, series, services.store)
     held_back: dict[str, str] = {}
     if skipped is not None:
-        decisive = _decisive(skipped, series)
+        decisive = decisive_attributes(skipped, series.modality)
         held_back = {rule_key(r): skipped.reason for r, s in matched if not opts_in(s, decisive)}
         matched = [(r, s) for r, s in matched if opts_in(s, decisive)]
         if not matched:
@@ -242,41 +245,58 @@ def _route_one(session: Session, services: Services, series: Series,
                           tuple(existing))
 
 
-def _not_an_image(session: Session, series: Series, store: FileStore | None) -> NotAnImage | None:
+def not_an_image_series(session: Session, series: Series,
+                        store: FileStore | None) -> NotAnImage | None:
     """Why ``series`` is no image series to send to a pipeline (storage.image_kind), or None.
 
-    The stored attributes are those of the first instance received. A
-    localizer first in a series that goes on with axial images is a mixed
-    series the volume loader copes with (it drops the localizer slices), so
-    for a localizer one more header is read, the last instance received, and
-    the series is routed when that one is an image.
+    The stored attributes are those of the first instance received; for a
+    localizer, the last instance received is read too (see :func:`skip_decision`).
+    """
+    def last_header() -> dict[str, Any] | None:
+        if series.instance_count < 2 or store is None:
+            return None
+        last = session.scalars(select(Instance).where(Instance.series_id == series.id)
+                               .order_by(Instance.id.desc()).limit(1)).first()
+        if last is None:
+            return None
+        return {**header_attributes(read_file_header(store.spool_path(last.path))),
+                "Modality": series.modality}
+
+    return skip_decision({**(series.attributes or {}), "Modality": series.modality},
+                         last_header, series_uid=series.series_instance_uid)
+
+
+def skip_decision(first: dict[str, Any], later: Callable[[], dict[str, Any] | None], *,
+                  series_uid: str = "") -> NotAnImage | None:
+    """Why a series whose first header gives ``first`` is no image series, or None.
+
+    What routing decides (and ``ainode rules test`` shows). A localizer first
+    in a series that goes on with axial images is a mixed series the volume
+    loader copes with (it drops the localizer slices), so for a localizer one
+    more header is asked for, ``later()`` (the last instance; None when there is
+    none), and the series is routed when that one is an image.
     """
     results = writers.result_sop_classes()
-    attrs = {**(series.attributes or {}), "Modality": series.modality}
-    kind = not_an_image(attrs, result_sop_classes=results)
-    if kind is None or kind.kind != "localizer" or series.instance_count < 2 or store is None:
-        return kind
-    last = session.scalars(select(Instance).where(Instance.series_id == series.id)
-                           .order_by(Instance.id.desc()).limit(1)).first()
-    if last is None:
+    kind = not_an_image(first, result_sop_classes=results)
+    if kind is None or kind.kind != "localizer":
         return kind
     try:
-        other = header_attributes(read_file_header(store.spool_path(last.path)))
+        other = later()
     except InputError as exc:
         log.warning("cannot read a second header to check a localizer: %s", exc)
         return kind
-    if not_an_image({**other, "Modality": series.modality}, result_sop_classes=results) is None:
+    if other is not None and not_an_image(other, result_sop_classes=results) is None:
         log.info("series starts with a localizer but holds images; routed",
-                 extra={"series_uid": series.series_instance_uid})
+                 extra={"series_uid": series_uid})
         return None
     return kind
 
 
-def _decisive(kind: NotAnImage, series: Series) -> dict[str, Any]:
+def decisive_attributes(kind: NotAnImage, modality: str | None) -> dict[str, Any]:
     """The attributes a rule must name to route this non-image series on purpose."""
     decisive: dict[str, Any] = {kind.keyword: kind.value}
-    if kind.kind == "result object" and series.modality:
-        decisive["Modality"] = series.modality
+    if kind.kind == "result object" and modality:
+        decisive["Modality"] = modality
     return decisive
 
 

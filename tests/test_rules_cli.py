@@ -235,6 +235,75 @@ def test_rules_test_on_a_stored_series_that_matches_no_rule(node: Node) -> None:
         "/abd|body|pancrea|portal/i; SliceThickness<=3: 5 <= 3 is false")
 
 
+SC = "1.2.840.10008.5.1.4.1.1.7"
+LOCALIZER_TYPE = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+
+
+@pytest.mark.parametrize(("attrs", "kind", "words", "opt_in"), [
+    ({"ImageType": LOCALIZER_TYPE}, "localizer", "a localizer (ImageType "
+     "ORIGINAL\\PRIMARY\\LOCALIZER)", "ImageType~LOCALIZER"),
+    ({"SOPClassUID": SC}, "secondary capture", "a Secondary Capture object",
+     f"SOPClassUID={SC}"),
+    ({"ImageType": ["DERIVED", "SECONDARY", "MPR"]}, "derived",
+     "a derived image (ImageType DERIVED\\SECONDARY\\MPR)", "ImageType~DERIVED"),
+    ({"PhotometricInterpretation": "RGB"}, "colour", "a colour image "
+     "(PhotometricInterpretation RGB)", "PhotometricInterpretation=RGB"),
+])
+def test_rules_test_shows_a_series_routing_skips_and_why(
+        node: Node, attrs: dict[str, Any], kind: str, words: str, opt_in: str) -> None:
+    """A matched rule of a series routing skips says SKIPPED and why, not its pipeline;
+    a rule that names what the series is still routes it; an image series is unchanged."""
+    node.ok(*ABDOMEN)
+    node.ok("rules", "add", "asks-for-it", "--when", "Modality=CT", "--when", opt_in,
+            "--pipeline", "pancreas-ct")
+    node.ok("rules", "add", "mr", "--when", "Modality=MR", "--pipeline", "pancreas-mr")
+    add_series(node.db, "1.2.3.4.9", Modality="CT", SeriesDescription="Abdomen portal",
+               SliceThickness=2.0, **attrs)
+    add_series(node.db, "1.2.3.4.8", Modality="CT", SeriesDescription="Abdomen portal",
+               SliceThickness=2.0, ImageType=["ORIGINAL", "PRIMARY", "AXIAL"])
+    rows = {r["rule"]: r for r in node.json("rules", "test", "--series", "1.2.3.4.9")}
+    skipped = rows["abdomen-ct"]
+    assert skipped["matched"] is True and skipped["routed"] is False
+    assert skipped["skip_reason"] is not None and words in skipped["skip_reason"]
+    assert skipped["not_an_image"]["kind"] == kind
+    assert rows["asks-for-it"]["routed"] is True and rows["asks-for-it"]["skip_reason"] is None
+    assert rows["mr"]["matched"] is False and rows["mr"]["routed"] is False
+    assert rows["mr"]["skip_reason"] is None
+    table = node.ok("rules", "test", "--series", "1.2.3.4.9")
+    line = next(ln for ln in table.splitlines() if "abdomen-ct" in ln)
+    assert "SKIPPED" in line and "MATCH" not in line, table
+    assert "MATCH" in next(ln for ln in table.splitlines() if "asks-for-it" in ln), table
+    assert "routing skips" in " ".join(table.split()), table
+    image = {r["rule"]: r for r in node.json("rules", "test", "--series", "1.2.3.4.8")}
+    assert image["abdomen-ct"]["routed"] is True and image["abdomen-ct"]["not_an_image"] is None
+    assert "SKIPPED" not in node.ok("rules", "test", "--series", "1.2.3.4.8")
+
+
+def test_rules_test_on_a_folder_reads_routings_skip_decision(node: Node, tmp_path: Path) -> None:
+    """--path decides as routing does: a folder of localizers is skipped; one that starts
+    with a localizer and goes on with axial images is routed."""
+    import pydicom
+
+    node.ok("rules", "add", "all-ct", "--when", "Modality=CT", "--pipeline", "pancreas-ct")
+    files = sorted(p for p in dicom_series_dir("ct_abdomen_siemens").iterdir() if p.is_file())
+    scouts, mixed = tmp_path / "scouts", tmp_path / "mixed"
+    for folder, uid, localizers in ((scouts, "1.2.3.4.50", 2), (mixed, "1.2.3.4.51", 1)):
+        folder.mkdir()
+        for i, src in enumerate(files[:2]):
+            ds = pydicom.dcmread(src)
+            ds.SeriesInstanceUID = uid
+            if i < localizers:
+                ds.ImageType = LOCALIZER_TYPE
+            ds.save_as(folder / f"{i:02d}.dcm")
+    (row,) = node.json("rules", "test", "--path", str(scouts))
+    assert row["matched"] is True and row["routed"] is False
+    assert row["not_an_image"]["kind"] == "localizer" and "localizer" in row["skip_reason"]
+    assert "SKIPPED" in node.ok("rules", "test", "--path", str(scouts))
+    (row,) = node.json("rules", "test", "--path", str(mixed))
+    assert row["routed"] is True and row["not_an_image"] is None
+    assert "MATCH" in node.ok("rules", "test", "--path", str(mixed))
+
+
 def test_replay_shows_what_would_be_routed_without_running(node: Node, tmp_path: Path) -> None:
     node.ok(*ABDOMEN)
     add_series(node.db, "1.2.3.4.1", Modality="CT", SeriesDescription="Abdomen portal",

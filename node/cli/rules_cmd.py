@@ -19,12 +19,18 @@ from sqlalchemy.orm import selectinload
 from node.cli.audit_cmd import parse_since
 from node.cli.context import AppContext, get
 from node.cli.output import emit
-from node.orchestration import evaluate_series
+from node.orchestration import (
+    decisive_attributes,
+    evaluate_series,
+    not_an_image_series,
+    skip_decision,
+)
 from node.routing import (
     CALLING_AE,
     RuleSpec,
     attributes_from_dataset,
     evaluate_rule,
+    opts_in,
     parse_condition,
     referenced_keys,
     series_in_folder,
@@ -33,6 +39,7 @@ from node.routing import store as rule_store
 from pipelines import registry
 from storage.audit import os_actor
 from storage.errors import InputError
+from storage.image_kind import NotAnImage
 from storage.ingest.header import read_file_header
 from storage.models import Job, RoutingRule, Series
 
@@ -294,19 +301,48 @@ def _specs(ctx: typer.Context, rules_file: Path | None, only: str | None) -> lis
     return specs
 
 
-def _evaluation_rows(series_uid: str, evaluations: list[Any], *, as_json: bool
+def _evaluation_rows(series_uid: str, specs: list[RuleSpec], evaluations: list[Any],
+                     kind: NotAnImage | None, modality: str | None, *, as_json: bool
                      ) -> list[dict[str, Any]]:
+    """One row per rule, as routing would act on it.
+
+    ``kind`` says why the series is no image series (routing's own decision,
+    None for an image series): a rule that matches it then routes nothing
+    (SKIPPED, with the reason) unless it names what the series is on purpose.
+    """
+    decisive = None if kind is None else decisive_attributes(kind, modality)
     rows = []
-    for ev in evaluations:
+    for spec, ev in zip(specs, evaluations, strict=True):
         d = ev.to_dict()
-        rows.append({"series": series_uid, **d} if as_json else {
-            "series": series_uid, "rule": d["rule"],
-            "result": "MATCH" if d["matched"] else ("disabled" if not d["enabled"] else "no"),
-            "why": d["explanation"]})
+        skipped = bool(ev.matched and decisive is not None and not opts_in(spec, decisive))
+        result = "MATCH" if d["matched"] else ("disabled" if not d["enabled"] else "no")
+        why = d["explanation"]
+        if kind is not None and ev.matched:
+            named = ", ".join(f"{k} {v}" for k, v in (decisive or {}).items())
+            if skipped:
+                result = "SKIPPED"
+                why = (f"matches, but routing skips the series: {kind.reason} (no job; a "
+                       f"rule routes it only by naming {named})")
+            else:
+                why = f"{why}; routes this {kind.kind} on purpose (names {named})"
+        if as_json:
+            rows.append({"series": series_uid, **d, "routed": ev.matched and not skipped,
+                         "skip_reason": kind.reason if skipped and kind else None,
+                         "not_an_image": None if kind is None else kind.to_dict()})
+        else:
+            rows.append({"series": series_uid, "rule": d["rule"], "result": result, "why": why})
     if not evaluations:
         rows.append({"series": series_uid, "rule": None, "result": "no rules",
                      "why": "no rules defined", "matched": False})
     return rows
+
+
+def _folder_kind(files: list[Path], first: dict[str, Any]) -> NotAnImage | None:
+    """Routing's verdict on a folder's series: its first file, and for a localizer its last."""
+    def later() -> dict[str, Any] | None:
+        return attributes_from_dataset(read_file_header(files[-1])) if len(files) > 1 else None
+
+    return skip_decision(first, later)
 
 
 @app.command("test")
@@ -322,7 +358,12 @@ def test(
         "--rules", help="test a YAML rule set instead of the stored rules")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Which rules match a series, and for those that do not, which condition failed."""
+    """Which rules match a series, and for those that do not, which condition failed.
+
+    A series routing skips as no image to analyse (a localizer, a Secondary
+    Capture, a derived or a colour image, a result object) shows SKIPPED and why
+    for each rule it matches, rather than a pipeline it would never reach.
+    """
     if (series is None) == (path is None):
         raise InputError("give exactly one of --series UID or --path DIR")
     app_ctx = get(ctx)
@@ -333,17 +374,20 @@ def test(
             row = s.scalars(select(Series).where(Series.series_instance_uid == series)).first()
             if row is None:
                 raise InputError(f"no received series {series}")
-            rows += _evaluation_rows(series, evaluate_series(s, row, specs, app_ctx.filestore()),
+            store = app_ctx.filestore()
+            rows += _evaluation_rows(series, specs, evaluate_series(s, row, specs, store),
+                                     not_an_image_series(s, row, store), row.modality,
                                      as_json=as_json)
     else:
         assert path is not None
         needed = referenced_keys(specs)
         for uid, files in series_in_folder(path).items():
             attrs = attributes_from_dataset(read_file_header(files[0]), needed)
+            kind = _folder_kind(files, dict(attrs))
             if calling_ae:
                 attrs[CALLING_AE] = calling_ae
-            rows += _evaluation_rows(uid, [evaluate_rule(sp, attrs) for sp in specs],
-                                     as_json=as_json)
+            rows += _evaluation_rows(uid, specs, [evaluate_rule(sp, attrs) for sp in specs],
+                                     kind, attrs.get("Modality"), as_json=as_json)
     emit(rows, ("series", "rule", "result", "why"), as_json=as_json)
 
 
