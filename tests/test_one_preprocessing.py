@@ -63,6 +63,11 @@ def _recipe_matches_package(key: str, model: Any) -> None:
     assert recipe.preset == inp.intensity_preset
     assert tuple(recipe.spacing) == tuple(inp.spacing_mm)
     assert tuple(recipe.patch_zyx) == tuple(inp.patch_size)
+    assert recipe.reorient == inp.reorient
+
+
+def _orientation(key: str) -> str | None:
+    return "LPS" if RECIPES[key].reorient else None
 
 
 def test_ct_stage1_training_sample_is_the_job_input(ct_case: Any,
@@ -70,11 +75,28 @@ def test_ct_stage1_training_sample_is_the_job_input(ct_case: Any,
     img, lab, _ = ct_case
     _recipe_matches_package("ct-stage1", ct_pipeline.stage1)
     r = RECIPES["ct-stage1"]
-    train, _ = stage1_sample(img, lab, r.spacing, r.preset)
+    train, _ = stage1_sample(img, lab, r.spacing, r.preset, _orientation("ct-stage1"))
     job = _job_input(ct_pipeline, img, ct_pipeline.stage1, None)
     assert train.dtype == job.dtype == np.float32
     assert np.array_equal(train, job)
     assert 0.0 <= job.min() < job.max() <= 1.0  # (HU + 200) / 550, clipped
+
+
+def test_ct_stage1_sees_a_ras_scan_as_the_lps_one(ct_case: Any,
+                                                 ct_pipeline: PancreasPipeline) -> None:
+    """A NIfTI in RAS and the same scan in LPS give stage 1 the same input: the
+    contract reorients (lossless) before it resamples."""
+    img, lab, _ = ct_case
+    assert ct_pipeline.stage1.manifest.input.reorient
+    ras = sitk.DICOMOrient(img, "RAS")
+    assert ras.GetDirection() != img.GetDirection()
+    r = RECIPES["ct-stage1"]
+    job_lps = _job_input(ct_pipeline, img, ct_pipeline.stage1, None)
+    job_ras = _job_input(ct_pipeline, ras, ct_pipeline.stage1, None)
+    assert np.array_equal(job_lps, job_ras)
+    train_ras, _ = stage1_sample(ras, sitk.DICOMOrient(lab, "RAS"), r.spacing, r.preset,
+                                 _orientation("ct-stage1"))
+    assert np.array_equal(train_ras, job_ras)
 
 
 def test_ct_stage2_training_sample_is_the_job_input(ct_case: Any,
@@ -84,7 +106,8 @@ def test_ct_stage2_training_sample_is_the_job_input(ct_case: Any,
     _recipe_matches_package("ct-stage2", ct_pipeline.stage2)
     r = RECIPES["ct-stage2"]
     train, target = stage2_sample(img, lab, r.spacing, r.patch_zyx, r.preset,
-                                  margin_mm=ct_pipeline.settings.margin_mm, min_extra=0)
+                                  margin_mm=ct_pipeline.settings.margin_mm, min_extra=0,
+                                  orientation=_orientation("ct-stage2"))
     # The ROI grid PancreasPipeline.analyse builds from a stage-1 mask.
     gland = sitk.GetArrayFromImage(lab) > 0
     inp = ct_pipeline.stage2.manifest.input
@@ -102,7 +125,8 @@ def test_ct_slice_training_stack_is_the_job_input(ct_case: Any,
     _recipe_matches_package("ct-slice", ct_pipeline.slice_model)
     r = RECIPES["ct-slice"]
     train, labels = slice_samples(img, lab, diagnosis, r.spacing, r.patch_zyx[-1], r.preset,
-                                  margin_mm=ct_pipeline.settings.margin_mm)
+                                  margin_mm=ct_pipeline.settings.margin_mm,
+                                  orientation=_orientation("ct-slice"))
     s1 = _Stage1(mask=sitk.GetArrayFromImage(lab) > 0, grid=lab, prob_max=1.0)
     job = ct_pipeline._slice_input(sitk.Cast(img, sitk.sitkFloat32), s1).cpu().numpy()
     assert np.array_equal(train, job)

@@ -20,7 +20,7 @@ import SimpleITK as sitk  # noqa: N813
 from pipelines.preprocess.core import Preprocessor, Provenance, Step
 from pipelines.preprocess.grids import grid_of
 from pipelines.preprocess.intensity import intensity_preset
-from pipelines.preprocess.steps import Intensity, ResampleToGrid, ResampleToSpacing
+from pipelines.preprocess.steps import Intensity, Reorient, ResampleToGrid, ResampleToSpacing
 from storage.errors import ModelError
 
 __all__ = ["Contract", "ModelInput", "Prepared"]
@@ -37,6 +37,12 @@ class Contract(Protocol):
 
     @property
     def intensity_window(self) -> tuple[float, float] | None: ...
+
+    @property
+    def orientation(self) -> str: ...
+
+    @property
+    def reorient(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -75,18 +81,23 @@ class Prepared:
 class ModelInput:
     """A named intensity preset at a model spacing: what an input contract asks for.
 
-    No reorientation: the shipped models were trained on the source axes
-    (the contract's ``orientation`` is recorded, not applied).
+    ``orientation`` (e.g. "LPS"): the axes are first permuted and flipped into it,
+    losslessly, so a model sees every scan with the patient the same way round: a
+    NIfTI in RAS and a DICOM series in LPS then give the same input. None: the
+    source's own axes (what models trained before 0.5.0 saw; their contracts say
+    ``reorient: false``).
     """
 
     preset: str
     spacing_mm: tuple[float, float, float]  # (x, y, z)
     window: tuple[float, float] | None = None  # ct_range only
+    orientation: str | None = None
 
     @classmethod
     def of(cls, contract: Contract) -> ModelInput:
         """The preprocessing a model package's input contract declares."""
-        return cls(contract.intensity_preset, contract.spacing_mm, contract.intensity_window)
+        return cls(contract.intensity_preset, contract.spacing_mm, contract.intensity_window,
+                   contract.orientation if contract.reorient else None)
 
     def steps(self, onto: sitk.Image | None = None) -> list[Step]:
         """Whole scan at the model spacing, or onto a given grid (a stage-2 ROI)."""
@@ -100,7 +111,10 @@ class ModelInput:
             grid = ResampleToSpacing(self.spacing_mm, default=spec.background)
         else:
             grid = ResampleToGrid(grid_of(onto), default=spec.background)
-        return [grid, intensity]
+        # Onto a given grid (a stage-2 ROI): that grid fixes the axes already.
+        first: list[Step] = ([] if self.orientation is None or onto is not None
+                             else [Reorient(self.orientation)])
+        return [*first, grid, intensity]
 
     def forward(self, image: sitk.Image, *, onto: sitk.Image | None = None) -> Prepared:
         """The model's input for ``image`` (scanner units on the source grid)."""

@@ -89,20 +89,32 @@ def read_case(case: Case) -> tuple[sitk.Image, sitk.Image]:
 
 
 def stage1_sample(img: sitk.Image, lab: sitk.Image, spacing: tuple[float, float, float],
-                  preset: str) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8]]:
+                  preset: str, orientation: str | None = None,
+                  ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8]]:
     """Whole volume at the stage-1 spacing; target = pancreas including its lesion."""
-    prepared = ModelInput(preset, spacing).forward(img)
+    prepared = ModelInput(preset, spacing, orientation=orientation).forward(img)
     return prepared.array(), (prepared.label(lab) > 0).astype(np.uint8)
+
+
+def _oriented(img: sitk.Image, lab: sitk.Image,
+              orientation: str | None) -> tuple[sitk.Image, sitk.Image]:
+    """Both in ``orientation`` (lossless), so a ROI drawn on the label has the axes of
+    the stage-1 grid a job's ROI is drawn on."""
+    if orientation is None:
+        return img, lab
+    return sitk.DICOMOrient(img, orientation), sitk.DICOMOrient(lab, orientation)
 
 
 def stage2_sample(
     img: sitk.Image, lab: sitk.Image, spacing: tuple[float, float, float],
     patch_zyx: tuple[int, int, int], preset: str, margin_mm: float = 20.0,
-    min_extra: int = 8,
+    min_extra: int = 8, orientation: str | None = None,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8]]:
     """The pancreas ROI: the ground-truth box plus a wide margin for crop jitter, at
     least ``min_extra`` voxels more than a patch. ``margin_mm=10, min_extra=0`` is the
-    grid the pipeline gives stage 2 when stage 1 finds the gland exactly."""
+    grid the pipeline gives stage 2 when stage 1 finds the gland exactly.
+    ``orientation``: the ROI's axes, as the pipeline's stage-1 grid has them."""
+    img, lab = _oriented(img, lab, orientation)
     mask = sitk.GetArrayFromImage(lab) > 0
     ref = stage2_roi(mask, lab, margin_mm=margin_mm, spacing=spacing, patch_zyx=patch_zyx,
                      min_extra=min_extra)
@@ -113,9 +125,11 @@ def stage2_sample(
 def slice_samples(
     img: sitk.Image, lab: sitk.Image, diagnosis: str, spacing: tuple[float, float, float],
     size: int, preset: str, margin_mm: float = 10.0, min_lesion_px: int = 4,
+    orientation: str | None = None,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
     """2.5D slices of the ROI (3 adjacent slices as channels), each labelled with the
     case's tumour type when it shows lesion, otherwise normal."""
+    img, lab = _oriented(img, lab, orientation)
     mask = sitk.GetArrayFromImage(lab) > 0
     ref = slice_roi(mask, lab, margin_mm=margin_mm, spacing=spacing, size=size)
     prepared = ModelInput(preset, spacing).forward(img, onto=ref)
