@@ -137,3 +137,20 @@ def test_slice_aggregation(hierarchical: bool) -> None:
     assert sum(d.values()) == pytest.approx(1.0)
     assert max(d, key=d.get) == "PDAC"  # type: ignore[arg-type]
     assert aggregate_slices(np.zeros((0, 5)))["normal"] == 1.0
+
+
+def test_gland_is_the_main_part_and_its_sizeable_neighbours() -> None:
+    """At 3 mm the neck breaks: the head 24 mm from the body stays, a blob far away or a
+    speck does not."""
+    from pipelines.pancreas.model import gland_components
+
+    m = np.zeros((20, 60, 60), bool)
+    m[8:12, 10:20, 10:30] = True  # body and tail: 800 voxels
+    m[8:12, 10:20, 38:45] = True  # head, 8 voxels = 24 mm away: 280 voxels
+    m[8:12, 50:55, 10:15] = True  # a blob 30 voxels = 90 mm away: 100 voxels
+    m[15, 10, 32] = True  # a speck 6 mm away
+    kept = gland_components(m, (3.0, 3.0, 3.0), join_mm=30.0, min_part=0.1)
+    assert kept[8:12, 10:20, 10:30].all() and kept[8:12, 10:20, 38:45].all()
+    assert not kept[8:12, 50:55, 10:15].any() and not kept[15, 10, 32]
+    only = gland_components(m, (3.0, 3.0, 3.0), join_mm=20.0, min_part=0.1)
+    assert not only[8:12, 10:20, 38:45].any()  # beyond the join distance

@@ -189,6 +189,14 @@ class CoarseView:
     body_width_mm: float  # widest left-right extent of the body outline over slices
     body_touches_sides: bool  # the outline reaches the left or right end of the field
 
+    def on_grid(self, mask: npt.NDArray[np.bool_], grid: sitk.Image) -> npt.NDArray[np.bool_]:
+        """A mask of this view taken onto ``grid`` (nearest): the inverse of ``to_grid``."""
+        m = sitk.GetImageFromArray(mask.astype(np.uint8))
+        m.CopyInformation(self.grid)
+        out = sitk.Resample(m, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0.0,
+                            sitk.sitkUInt8)
+        return sitk.GetArrayFromImage(out).astype(bool)
+
     def to_grid(self, mask: npt.NDArray[np.bool_], grid: sitk.Image) -> npt.NDArray[np.bool_]:
         """A mask on ``grid`` (any orientation) resampled onto this view (nearest)."""
         m = sitk.GetImageFromArray(mask.astype(np.uint8))
