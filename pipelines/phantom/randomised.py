@@ -64,11 +64,13 @@ __all__ = [
     "deform",
     "insert_lesion",
     "lesion_in_real_ct",
+    "real_siemens_ct",
+    "source_of",
     "synthesise",
     "write_randomised_dataset",
 ]
 
-Source = Literal["generator", "amos", "totalseg", "mixed", "realct"]
+Source = Literal["generator", "amos", "totalseg", "mixed", "realct", "siemens"]
 Modality = Literal["CT", "MR"]
 SOURCES: tuple[str, ...] = ("generator", "amos", "totalseg")
 CT_PHASES: tuple[str, ...] = ("non_contrast", "arterial", "portal_venous")
@@ -598,6 +600,11 @@ def _lesion_mean(rng: np.random.Generator, ct: bool, contrast: str, diagnosis: s
     return float(les)
 
 
+# What stays where physics puts it: air, gas, lung, fat, bone and calcium.
+_FIXED_CT = frozenset({"background", "bowel_gas", "lung", "fat", "viscera", "bone",
+                       "calcification"})
+
+
 def _draw_intensities(rng: np.random.Generator, modality: str, contrast: str,
                       diagnosis: str, lesion_kind: str) -> tuple[dict[str, float],
                                                                   dict[str, float]]:
@@ -607,6 +614,16 @@ def _draw_intensities(rng: np.random.Generator, modality: str, contrast: str,
     if modality == "MR" and rng.random() < 0.5:  # fat suppression
         for k in ("fat", "viscera", "bone"):
             mean[k] *= float(rng.uniform(0.08, 0.3))
+    if modality == "CT" and rng.random() < 0.5:
+        # Off the tables: real scans fall outside any table (a fatty gland at -10 HU on
+        # the TotalSegmentator example, 65 HU on a venous-phase Siemens series, between
+        # the non-contrast and portal-venous ranges). Half the cases move every soft
+        # tissue by its own offset and draw the pancreas from the whole range, so no
+        # network can key on a value, only on shape and place (SynthSeg's idea).
+        for k in mean:
+            if k not in _FIXED_CT:
+                mean[k] += float(rng.uniform(-40.0, 40.0))
+        mean["pancreas"] = float(rng.uniform(-25.0, 175.0))
     mean["viscera"] = mean["fat"]
     # Fatty-infiltrated parts of the gland sit between pancreas and fat.
     mix = float(rng.uniform(0.4, 0.9))
@@ -727,9 +744,64 @@ def lesion_in_real_ct(spec: RandomisedSpec) -> RandomisedCase:
     )
 
 
+def source_of(seed: int, source: str = "mixed") -> str:
+    """Which label map ``synthesise`` draws for ``seed``, without drawing the case: the
+    pick is the first draw of the case's stream, so a set can leave a source out (a
+    held-out test source) and stay the same cases seed for seed."""
+    if source in ("realct", "siemens"):
+        return source
+    return _pick_source(np.random.default_rng([seed, 0x5A17]), source)
+
+
+SIEMENS_SERIES = Path("dicom/ct_abdomen_siemens")
+SIEMENS_SEG = Path("nifti/totalsegmentator_example/example_seg_dicom.nii.gz")
+
+
+def real_siemens_ct(spec: RandomisedSpec) -> RandomisedCase:
+    """The real Siemens series with TotalSegmentator's labels, as a training case.
+
+    Why: the one real contrast-enhanced series with a pancreas label, in a 50 cm
+    field of view with table and arms, covering only the top of the gland (2.5 ml
+    in 20 slices of 2 mm): what a short upper-abdomen series looks like. Nothing is
+    painted into it (no lesion fits in that sliver; its cases are normal); each seed
+    only moves the HU by a small offset and adds a little noise. A model that trains
+    on it has seen it: its figures on this series are then not evidence.
+    """
+    from pipelines.phantom.labelmaps import _TOTALSEG, _lut, data_root
+    from pipelines.volume import load_series
+
+    root = data_root()
+    if not (root / SIEMENS_SEG).exists():
+        raise FileNotFoundError("Siemens series or its labels not found (../shared/data)")
+    rng = np.random.default_rng([spec.seed, 0x51E3])
+    img = load_series(sorted((root / SIEMENS_SERIES).glob("*.dcm"))).to_sitk()
+    seg = sitk.Resample(sitk.ReadImage(str(root / SIEMENS_SEG)), img, sitk.Transform(),
+                        sitk.sitkNearestNeighbor, 0)
+    lut = _lut(_TOTALSEG, 256, "body")
+    tissue = lut[np.clip(sitk.GetArrayFromImage(seg).astype(np.int64), 0, 255)]
+    hu = sitk.GetArrayFromImage(img).astype(np.float32)
+    body = hu > -500.0
+    noise = float(rng.uniform(0.0, 12.0))
+    hu[body] += float(rng.uniform(-20.0, 20.0)) + noise * rng.standard_normal(
+        int(body.sum())).astype(np.float32)
+    label = np.zeros(tissue.shape, np.uint8)
+    label[np.isin(tissue, PANCREAS_CODES)] = 1
+    return RandomisedCase(
+        image=np.clip(hu, -1024.0, 3071.0), label=label, tissue=tissue.astype(np.uint8),
+        spacing=tuple(float(v) for v in img.GetSpacing()),  # type: ignore[arg-type]
+        origin=tuple(float(v) for v in img.GetOrigin()),  # type: ignore[arg-type]
+        diagnosis="normal", lesion_diameter_mm=None, lesion_location=None,
+        source="siemens", modality="CT", contrast="portal_venous",
+        intensities={"pancreas": float(np.median(hu[label > 0]))},
+        direction=tuple(float(v) for v in img.GetDirection()),
+    )
+
+
 def synthesise(spec: RandomisedSpec) -> RandomisedCase:
     if spec.source == "realct":
         return lesion_in_real_ct(spec)
+    if spec.source == "siemens":
+        return real_siemens_ct(spec)
     rng = np.random.default_rng([spec.seed, 0x5A17])  # apart from the generator's streams
     source = _pick_source(rng, spec.source)
     modality = str(spec.modality).upper()
@@ -829,14 +901,18 @@ def write_randomised_dataset(
     labels: str = "labelsTr",
     prefix: str = "randomised",
     spacing: tuple[float, float, float] | None = None,
+    exclude_sources: tuple[str, ...] = (),
 ) -> list[dict[str, str]]:
     """One case per seed in the Task07 layout ``find_cases``/``read_case`` read (CT as
     int16 HU, MR as float32), with ``cases.csv`` (diagnosis, lesion size and location,
-    and which source, modality and contrast made it)."""
+    and which source, modality and contrast made it). Seeds whose label map would come
+    from ``exclude_sources`` are skipped (kept apart as a test source)."""
     (out / images).mkdir(parents=True, exist_ok=True)
     (out / labels).mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, str]] = []
     for seed in seeds:
+        if exclude_sources and source_of(seed, source) in exclude_sources:
+            continue
         t0 = time.monotonic()
         case = synthesise(RandomisedSpec(seed=seed, source=source, modality=modality,
                                          contrast=contrast, spacing=spacing))
