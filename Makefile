@@ -77,9 +77,11 @@ bench-writers: $(STAMP)
 bench-pipeline: $(STAMP)
 	$(BIN)/python bench/bench_pipeline.py
 
-# Demo weights: phantoms + stage 1, stage 2, slice classifier, MR variant, on one CPU
-# thread: CT stage 2 took 61 min from scratch on this 2-core machine, and the time
-# budgets of the other four (pipelines/training/recipes.py) add up to 53 min. Resumes
+# Demo weights: phantoms + randomised-appearance sets (pipelines/phantom/randomised.py,
+# which reads the real label maps and CTs of ../shared/data) + stage 1, stage 2, slice
+# classifier, MR variant, on one CPU thread. On this 2-core machine CT stage 2's body took
+# 61 min from scratch and its randomised refine 41 min; CT stage 1 15 min; the time
+# budgets of the others (pipelines/training/recipes.py) add up to under an hour. Resumes
 # from data/train-demo after an interruption.
 train-demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/ainode train-demo --work data/train-demo

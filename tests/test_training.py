@@ -229,3 +229,58 @@ def test_refine_continues_the_whole_model_on_more_phantoms(dataset: Path,
     assert new["refine"]["window_crops"] == 0.5
     again = _refine(r, dataset, tmp_path, st, 1.0, None)
     assert all(torch.equal(again["state_dict"][k], new["state_dict"][k]) for k in changed)
+
+
+def test_randomised_refine_trains_on_its_own_sets_without_the_held_out_source(
+        tmp_path: Path) -> None:
+    """Stage 2's last step: randomised appearance (never the held-out AMOS anatomy), the
+    real CT with painted lesions and generator phantoms, each generated once."""
+    import csv
+    from dataclasses import replace
+
+    from pipelines.models.networks import build
+    from pipelines.phantom.randomised import source_of
+    from pipelines.training.recipes import HELD_OUT_SOURCES
+    from pipelines.training.run import _refine_randomised
+
+    seeds = range(0, 6)
+    assert {source_of(s) for s in seeds} & set(HELD_OUT_SOURCES)  # one would be drawn
+    r = replace(RECIPES["ct-stage2"], randomised_seeds=(0, 6), realct_seeds=(0, 1),
+                generator_seeds=(60, 61), randomised_iterations=2, reorient=True)
+    model = build(r.arch, r.params)
+    st = {"state_dict": model.state_dict(), "seconds": 1.0, "seeds": [40, 44], "cases": 4,
+          "iterations": 10, "losses": {}}
+    new = _refine_randomised(r, tmp_path, st, 1.0, None)
+    mixed = tmp_path / "data-ct-randomised-mixed"
+    rows = list(csv.DictReader((mixed / "cases.csv").open()))
+    assert rows and all(row["source"] not in HELD_OUT_SOURCES for row in rows)
+    assert len(rows) == sum(source_of(s) not in HELD_OUT_SOURCES for s in seeds)
+    assert (tmp_path / "data-ct-randomised-realct" / "cases.csv").exists()
+    assert (tmp_path / "data-ct-60-61" / ".complete").exists()
+    assert new["iterations"] == 12 and new["randomised"]["iterations"] == 2
+    assert "data-ct-randomised-mixed" in new["randomised"]["data"]
+    changed = [k for k in st["state_dict"]
+               if not torch.equal(st["state_dict"][k], new["state_dict"][k])]
+    assert changed
+
+
+def test_stage1_crops_reach_into_air_and_stacks_end_inside_the_gland() -> None:
+    import numpy as np
+
+    from pipelines.training.trainers import _truncate
+
+    rng = np.random.default_rng(0)
+    x = np.ones((20, 8, 8), np.float32)
+    y = np.zeros((20, 8, 8), np.uint8)
+    y[5:15, 3:5, 3:5] = 1
+    cuts = set()
+    for _ in range(20):
+        xt, yt = _truncate(x, y, rng)
+        kept = np.nonzero(xt.any(axis=(1, 2)))[0]
+        assert 0 < len(kept) < 20 and (yt <= y).all()
+        gland = np.nonzero(yt.any(axis=(1, 2)))[0]
+        assert len(gland) and (gland[0] == 5 or gland[-1] == 14)  # one end is kept whole
+        assert kept[0] == 0 or kept[-1] == 19  # the cut is at one end only
+        cuts.add((int(kept[0]), int(kept[-1])))
+    assert len(cuts) > 3
+    assert (x == 1).all()  # the sample itself is left as it was

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -131,6 +132,52 @@ def collect_features(pipeline: Any, seeds: Iterable[int], contrast: str) -> tupl
     return used, np.array(feats), records
 
 
+def collect_folder_features(pipeline: Any, folder: Path, limit: int | None = None) -> tuple[
+        list[str], npt.NDArray[np.float64], list[dict[str, Any]]]:
+    """The same for the cases of an MSD folder (``imagesTr``, else ``imagesTs``): the
+    randomised-appearance sets a model trained or is validated on."""
+    from pipelines.training.data import find_cases, read_case
+
+    used: list[str] = []
+    feats: list[npt.NDArray[np.float64]] = []
+    records: list[dict[str, Any]] = []
+    for case in find_cases(folder)[:limit]:
+        img, _ = read_case(case)
+        f, record = pipeline.case_features(img)
+        records.append({"seed": case.case_id, "failed": record.get("applicability_failed")})
+        if f is not None:
+            used.append(case.case_id)
+            feats.append(np.asarray(f, np.float64))
+    return used, np.array(feats).reshape(len(feats), -1), records
+
+
+def _folder(text: str) -> tuple[Path, int | None]:
+    """DIR or DIR:N (the first N cases)."""
+    path, _, n = text.rpartition(":") if text.rpartition(":")[2].isdigit() else (text, "", "")
+    return Path(path), (int(n) if n else None)
+
+
+def _collect(pipe: Any, seeds: range | None, folders: list[tuple[Path, int | None]],
+             contrast: str) -> tuple[list[Any], npt.NDArray[np.float64], list[dict[str, Any]],
+                                     str]:
+    ids: list[Any] = []
+    parts: list[npt.NDArray[np.float64]] = []
+    recs: list[dict[str, Any]] = []
+    said: list[str] = []
+    if seeds is not None:
+        i, x, r = collect_features(pipe, seeds, contrast)
+        ids, recs = ids + i, recs + r
+        parts.append(x.reshape(len(i), -1))
+        said.append(f"{len(i)} training-generator phantoms, {_describe(seeds)} "
+                    "(pipelines.phantom)")
+    for folder, n in folders:
+        names, x, r = collect_folder_features(pipe, folder, n)
+        ids, recs = ids + names, recs + r
+        parts.append(x)
+        said.append(f"{len(names)} cases of {folder.name}")
+    return ids, np.concatenate([p for p in parts if len(p)]), recs, "; ".join(said)
+
+
 def _range(text: str) -> range:
     lo, hi = (int(v) for v in text.split(":"))
     return range(lo, hi)
@@ -172,9 +219,14 @@ def write_competence(pkg: Path, fit: CompetenceFit, *, fitted_on: str, threshold
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pipeline", default="pancreas-ct", choices=("pancreas-ct", "pancreas-mr"))
-    ap.add_argument("--fit", required=True, type=_range, help="fitting seeds LO:HI (training)")
-    ap.add_argument("--validate", required=True, type=_range,
+    ap.add_argument("--fit", type=_range, help="fitting seeds LO:HI (training)")
+    ap.add_argument("--validate", type=_range,
                     help="validation seeds LO:HI (set the threshold)")
+    ap.add_argument("--fit-data", type=_folder, nargs="*", default=[],
+                    help="MSD folders (DIR or DIR:N) of training cases to fit on as well")
+    ap.add_argument("--validate-data", type=_folder, nargs="*", default=[],
+                    help="MSD folders of validation cases to set the threshold on as well")
+    ap.add_argument("--models", type=Path, help="models folder (default: shipped)")
     ap.add_argument("--percentile", type=float, default=99.0)
     ap.add_argument("--write", type=Path, help="the stage-2 package to write into")
     ap.add_argument("--device", default="cpu")
@@ -189,18 +241,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     contrast = "ct" if args.pipeline == "pancreas-ct" else "mr_t1"
-    pipe = build_pipeline(args.pipeline, device=args.device,
+    if not (args.fit or args.fit_data) or not (args.validate or args.validate_data):
+        ap.error("give fitting (--fit/--fit-data) and validation (--validate/--validate-data)")
+    pipe = build_pipeline(args.pipeline, args.models, device=args.device,
                           settings=PipelineSettings(applicability=False))
     t0 = time.perf_counter()
-    fit_seeds, fit_x, fit_rec = collect_features(pipe, args.fit, contrast)
-    val_seeds, val_x, val_rec = collect_features(pipe, args.validate, contrast)
+    fit_seeds, fit_x, fit_rec, fit_txt = _collect(pipe, args.fit, args.fit_data, contrast)
+    val_seeds, val_x, val_rec, val_txt = _collect(pipe, args.validate, args.validate_data,
+                                                  contrast)
     fit = fit_statistics(fit_x, val_x, percentile=args.percentile)
     seconds = round(time.perf_counter() - t0, 1)
     summary = {
         "pipeline": args.pipeline, "stage2": pipe.stage2.manifest.name,
         "stage2_version": pipe.stage2.manifest.version,
-        "fit": {"seeds": _describe(args.fit), "cases": len(fit_seeds)},
-        "validate": {"seeds": _describe(args.validate), "cases": len(val_seeds)},
+        "fit": {"data": fit_txt, "cases": len(fit_seeds)},
+        "validate": {"data": val_txt, "cases": len(val_seeds)},
         "features": int(fit_x.shape[1]), "shrinkage": round(fit.shrinkage, 4),
         "threshold": round(fit.threshold, 4), "percentile": args.percentile,
         "fit_distance_median": round(float(np.median(fit.fit_distances)), 3),
@@ -217,19 +272,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.write:
         write_competence(
             args.write, fit,
-            fitted_on=f"pooled stage-2 features of {len(fit_seeds)} {contrast} training-"
-                      f"generator phantoms, {_describe(args.fit)} (pipelines.phantom), "
+            fitted_on=f"pooled stage-2 features of {contrast} training data: {fit_txt}, "
                       "through PancreasPipeline.case_features",
             threshold_on=f"{args.percentile:g}th percentile of the distances of "
-                         f"{len(val_seeds)} validation phantoms, {_describe(args.validate)}",
+                         f"{len(val_seeds)} validation cases: {val_txt}",
             details={"features": int(fit_x.shape[1]), "shrinkage": round(fit.shrinkage, 4),
                      "standardised": True, "estimator": "Ledoit-Wolf",
                      "fit_distance_median": summary["fit_distance_median"],
                      "validation_distance_median": summary["validation_distance_median"],
-                     "command": "python -m pipelines.training.competence --pipeline "
-                                f"{args.pipeline} --fit {args.fit.start}:{args.fit.stop} "
-                                f"--validate {args.validate.start}:{args.validate.stop} "
-                                f"--percentile {args.percentile:g} --write {args.write}",
+                     "command": "python -m pipelines.training.competence "
+                                + " ".join(argv if argv is not None else sys.argv[1:]),
                      "seconds": seconds})
         print(f"wrote {args.write / COMPETENCE_FILE}")
     return 0

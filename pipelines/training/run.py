@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from pipelines.training.data import (
     stage1_sample,
     stage2_sample,
 )
-from pipelines.training.recipes import RECIPES, Recipe
+from pipelines.training.recipes import HELD_OUT_SOURCES, RECIPES, Recipe
 from pipelines.training.trainers import (
     HeadConfig,
     TrainConfig,
@@ -57,6 +57,7 @@ def _config(r: Recipe, seed: int, iterations: int | None, minutes: float | None)
         batch=r.batch, max_minutes=minutes or r.max_minutes, seed=seed, patch_zyx=r.patch_zyx,
         ckpt_every=25 if r.task == "slice-classification" else 50, phases=r.phases,
         small_lesion_boost=r.small_lesion_boost, spacing_mm=float(min(r.spacing)),
+        air_margin=r.air_margin, truncate=r.truncate,
     )
 
 
@@ -70,15 +71,20 @@ def train_recipe(
     minutes: float | None = None,
     progress: Callable[[str], None] | None = None,
     max_cases: int | None = None,
+    extra: Sequence[Path] = (),
 ) -> TrainResult:
-    """Train ``recipe`` on ``data`` (MSD layout); checkpoints go to ``work``."""
+    """Train ``recipe`` on ``data`` (MSD layout; the first ``max_cases``) and every case
+    of the folders in ``extra``; checkpoints go to ``work``."""
     work.mkdir(parents=True, exist_ok=True)
-    cases = find_cases(data, "Tr")[:max_cases]
+    cases = find_cases(data, "Tr")[:max_cases] if max_cases != 0 else []
+    for more in extra:
+        cases += find_cases(more, "Tr")
     t0 = time.monotonic()
     cfg = _config(recipe, seed, iterations, minutes)
     ckpt = work / f"{recipe.package}.ckpt"
     if recipe.task == "pancreas-localisation":
-        s1 = [stage1_sample(*read_case(c), recipe.spacing, recipe.preset) for c in cases]
+        s1 = [stage1_sample(*read_case(c), recipe.spacing, recipe.preset, _orientation(recipe))
+              for c in cases]
         _say(progress, f"{recipe.package}: {len(s1)} cases loaded in {time.monotonic() - t0:.0f}s")
         return train_stage1(s1, cfg, ckpt, progress)
     if recipe.task == "lesion-detection":
@@ -90,12 +96,17 @@ def train_recipe(
         for c in cases:
             img, lab = read_case(c)
             st, lb = slice_samples(img, lab, c.diagnosis or "normal", recipe.spacing,
-                                   recipe.patch_zyx[-1], recipe.preset)
+                                   recipe.patch_zyx[-1], recipe.preset,
+                                   orientation=_orientation(recipe))
             stacks.append(st)
             labels.append(lb)
         _say(progress, f"{recipe.package}: {sum(len(s) for s in stacks)} slices loaded")
         return train_slice(stacks, labels, cfg, ckpt, progress)
     raise ValueError(f"unknown task {recipe.task!r}")
+
+
+def _orientation(recipe: Recipe) -> str | None:
+    return "LPS" if recipe.reorient else None
 
 
 def _stage2_set(recipe: Recipe, cases: list[Any]) -> tuple[
@@ -104,7 +115,8 @@ def _stage2_set(recipe: Recipe, cases: list[Any]) -> tuple[
     s2, classes = [], []
     for c in cases:
         img, lab = read_case(c)
-        s2.append(stage2_sample(img, lab, recipe.spacing, recipe.patch_zyx, recipe.preset))
+        s2.append(stage2_sample(img, lab, recipe.spacing, recipe.patch_zyx, recipe.preset,
+                                orientation=_orientation(recipe)))
         classes.append(_class(c.diagnosis, s2[-1][1]))
     return s2, classes
 
@@ -136,6 +148,83 @@ def _phantoms(recipe: Recipe, work: Path, name: str | None, seeds: range,
         write_dataset(data, seeds, contrast=contrast)
         marker.write_text(stamp)
     return data
+
+
+def _randomised(recipe: Recipe, work: Path, source: str, seeds: range,
+                progress: Callable[[str], None] | None) -> Path:
+    """A randomised-appearance set under ``work`` (generated once, kept for a rerun):
+    ``source`` "mixed" draws every label map but the held-out ones; "realct" paints
+    lesions into the real TotalSegmentator CT."""
+    from pipelines.phantom.randomised import write_randomised_dataset
+
+    modality = recipe.modality
+    data = work / f"data-{modality.lower()}-randomised-{source}"
+    marker = data / ".complete"
+    stamp = f"{seeds.start}-{seeds.stop} without {','.join(HELD_OUT_SOURCES)}\n"
+    if not marker.exists() or marker.read_text() != stamp:
+        _say(progress, f"generating randomised {modality} cases ({source}, seeds "
+                       f"{seeds.start}..{seeds.stop - 1}) in {data}")
+        write_randomised_dataset(data, seeds, source=source,  # type: ignore[arg-type]
+                                 modality=modality,  # type: ignore[arg-type]
+                                 prefix=f"rand{source}", exclude_sources=HELD_OUT_SOURCES)
+        marker.write_text(stamp)
+    return data
+
+
+def _extra_sets(recipe: Recipe, work: Path, scale: float,
+                progress: Callable[[str], None] | None) -> list[Path]:
+    """The recipe's randomised, real-CT and extra generator sets (generated once)."""
+    out = []
+    for source, span in (("mixed", recipe.randomised_seeds), ("realct", recipe.realct_seeds),
+                         ("siemens", recipe.siemens_seeds),
+                         ("generator", recipe.generator_seeds)):
+        if span is None:
+            continue
+        seeds = range(*span)
+        if scale < 1.0:
+            seeds = seeds[: max(3, int(len(seeds) * scale))]
+        out.append(_phantoms(recipe, work, f"{seeds.start}-{seeds.stop}", seeds, progress)
+                   if source == "generator"
+                   else _randomised(recipe, work, source, seeds, progress))
+    return out
+
+
+def _refine_randomised(recipe: Recipe, work: Path, st: dict[str, Any], scale: float,
+                       progress: Callable[[str], None] | None) -> dict[str, Any]:
+    """The finished stage-2 model refined end to end on the randomised-appearance, real-CT
+    and generator sets (kept like ``final``; resumes from its checkpoint).
+
+    Why: trained on one generator's phantoms, the lesion map fired on whatever else it
+    was shown; refined on appearance drawn afresh per case (and on a real background)
+    it has to go by the lesion's shape and contrast against the gland."""
+    out = work / f"{recipe.package}.final-randomised.pt"
+    if out.exists():
+        done: dict[str, Any] = torch.load(out, map_location="cpu", weights_only=False)
+        return done
+    extra = _extra_sets(recipe, work, scale, progress)
+    cases = [c for d in extra for c in find_cases(d, "Tr")]
+    t0 = time.monotonic()
+    s2, classes = _stage2_set(recipe, cases)
+    _say(progress, f"{recipe.package} randomised refine: {len(s2)} cases loaded in "
+                   f"{time.monotonic() - t0:.0f}s")
+    (work / "ckpt").mkdir(parents=True, exist_ok=True)
+    scl = min(scale, 1.0)
+    cfg = replace(_config(recipe, 2, max(2, int(recipe.randomised_iterations * scl)),
+                          recipe.randomised_minutes * max(scl, 0.05)),
+                  lr=recipe.refine_lr, phases=(0.0, 0.0), window_crops=recipe.window_crops,
+                  init=st["state_dict"])
+    res = train_stage2(s2, classes, cfg,
+                       work / "ckpt" / f"{recipe.package}.randomised.ckpt", progress)
+    new = {**st, "state_dict": res.model.state_dict(), "seconds": st["seconds"] + res.seconds,
+           "iterations": st["iterations"] + res.iterations, "losses": res.losses,
+           "randomised": {"iterations": res.iterations, "lr": cfg.lr,
+                          "window_crops": cfg.window_crops,
+                          "data": "; ".join(f"{p.name}: {len(find_cases(p, 'Tr'))} cases"
+                                            for p in extra),
+                          "seconds": round(res.seconds),
+                          "losses": {k: round(float(v), 4) for k, v in res.losses.items()}}}
+    torch.save(new, out)
+    return new
 
 
 def _refine(recipe: Recipe, data: Path, work: Path, st: dict[str, Any], scale: float,
@@ -210,7 +299,7 @@ def _finetune_head(recipe: Recipe, data: Path, work: Path, st: dict[str, Any], s
             # The stage-1 ROI rule (box + 10 mm, at least one patch), one case at a time:
             # only features kept.
             x, y = stage2_sample(img, lab, recipe.spacing, recipe.patch_zyx, recipe.preset,
-                                 margin_mm=10.0, min_extra=0)
+                                 margin_mm=10.0, min_extra=0, orientation=_orientation(recipe))
             f, lb = window_features(model, [(x, y)], [_class(c.diagnosis, y)],
                                     recipe.patch_zyx)
             feats.append(f)
@@ -218,7 +307,8 @@ def _finetune_head(recipe: Recipe, data: Path, work: Path, st: dict[str, Any], s
             if progress and len(feats) % 20 == 0:
                 progress(f"head window features: {len(feats)} cases")
             continue
-        s2.append(stage2_sample(img, lab, recipe.spacing, recipe.patch_zyx, recipe.preset))
+        s2.append(stage2_sample(img, lab, recipe.spacing, recipe.patch_zyx, recipe.preset,
+                                orientation=_orientation(recipe)))
         classes.append(_class(c.diagnosis, s2[-1][1]))
     if recipe.head_windows:
         cached = (torch.cat(feats), torch.cat(labels))
@@ -261,7 +351,8 @@ def train_demo(
         if scale < 1.0:
             all_seeds = all_seeds[: max(6, int(len(all_seeds) * scale))]
         # A recipe may train on a prefix of the set (the older CT models on seeds 0..159).
-        seeds = all_seeds[: recipe.train_cases] if recipe.train_cases else all_seeds
+        seeds = (all_seeds[: recipe.train_cases] if recipe.train_cases is not None
+                 else all_seeds)
         data = _phantoms(recipe, work, None, all_seeds, progress)
         final = work / f"{recipe.package}.final.pt"
         if final.exists():
@@ -270,18 +361,23 @@ def train_demo(
             r = recipe if scale >= 1.0 else replace(
                 recipe, iterations=max(2, int(recipe.iterations * scale)),
                 max_minutes=recipe.max_minutes * max(scale, 0.05))
+            extra = (_extra_sets(recipe, work, scale, progress)
+                     if recipe.task == "pancreas-localisation" else [])
             res = train_recipe(r, data, work / "ckpt", seed=0, progress=progress,
-                               max_cases=len(seeds))
+                               max_cases=len(seeds), extra=extra)
             st = {
                 "state_dict": res.model.state_dict(), "iterations": res.iterations,
                 "seconds": res.seconds, "losses": res.losses, "history": res.history,
                 "cases": len(seeds), "seeds": [seeds.start, seeds.stop],
+                "extra": [f"{p.name}: {len(find_cases(p, 'Tr'))} cases" for p in extra],
             }
             torch.save(st, final)
         if recipe.task == "lesion-detection" and recipe.refine_iterations > 0:
             st = _refine(recipe, data, work, st, scale, progress)
         if recipe.task == "lesion-detection" and recipe.head_iterations > 0:
             st = _finetune_head(recipe, data, work, st, scale, progress)
+        if recipe.task == "lesion-detection" and recipe.randomised_iterations > 0:
+            st = _refine_randomised(recipe, work, st, scale, progress)
         trained[key] = st
     from pipelines.models.package import write_package
 
@@ -290,10 +386,18 @@ def train_demo(
         contrast = "ct" if recipe.modality == "CT" else "mr_t1"
         data_txt = (f"synthetic {contrast} phantoms, seeds {st['seeds'][0]}.."
                     f"{st['seeds'][1] - 1} ({st['cases']} cases)")
+        if st.get("extra"):
+            data_txt += "; randomised appearance (pipelines.phantom.randomised; label maps " \
+                        "of every source but " + ", ".join(HELD_OUT_SOURCES) + "): " + \
+                        "; ".join(st["extra"])
         if "refine" in st:
             data_txt += f"; refined on {st['refine']['data']}"
         if "head" in st:
             data_txt += f"; tumour-type head fine-tune on {st['head']['data']}"
+        if "randomised" in st:
+            data_txt += ("; then refined end to end on " + st["randomised"]["data"] +
+                         " (randomised appearance without " + ", ".join(HELD_OUT_SOURCES) +
+                         ")")
         provenance = {
             "data": f"{data_txt}, pipelines.phantom",
             "iterations": st["iterations"], "seconds": round(st["seconds"]),
@@ -305,6 +409,8 @@ def train_demo(
             provenance["refine"] = st["refine"]
         if "head" in st:
             provenance["head_finetune"] = st["head"]
+        if "randomised" in st:
+            provenance["randomised_refine"] = st["randomised"]
         path = write_package(weights_dir / recipe.package, recipe, st["state_dict"], provenance,
                              version=recipe.version)
         summary[key] = {"package": str(path), **provenance}

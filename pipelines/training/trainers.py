@@ -74,6 +74,11 @@ class TrainConfig:
     roi_jitter: int = 4
     # stage 2 only: start from these weights (a refinement of a trained model)
     init: dict[str, torch.Tensor] | None = None
+    # stage 1 only: crops reach past the scan by up to this fraction of a patch (air)
+    air_margin: float = 0.0
+    # stage 1 only: this fraction of the samples end (top or bottom) inside the gland,
+    # the rest of the stack air, as a short series of the upper abdomen does
+    truncate: float = 0.0
 
 
 @dataclass
@@ -265,6 +270,22 @@ def _window_crop(x: npt.NDArray, y: npt.NDArray, patch: Sequence[int], rng: np.r
     return x[sl], y[sl]
 
 
+def _truncate(x: npt.NDArray, y: npt.NDArray, rng: np.random.Generator
+              ) -> tuple[npt.NDArray, npt.NDArray]:
+    """The stack cut at a slice through the gland, above or below, and the cut-off
+    part made air (what the sliding window pads a short series with)."""
+    zs = np.nonzero(y.any(axis=(1, 2)))[0]
+    if len(zs) < 2:
+        return x, y
+    cut = int(rng.integers(zs[0] + 1, zs[-1] + 1))
+    x, y = x.copy(), y.copy()
+    if rng.random() < 0.5:
+        x[cut:], y[cut:] = 0, 0
+    else:
+        x[:cut], y[:cut] = 0, 0
+    return x, y
+
+
 def train_stage1(
     samples: list[tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8]]],
     cfg: TrainConfig,
@@ -281,6 +302,15 @@ def train_stage1(
         xs, ys = [], []
         for _ in range(cfg.batch):
             x, y = samples[int(rng.integers(len(samples)))]
+            if cfg.truncate > 0 and rng.random() < cfg.truncate:
+                x, y = _truncate(x, y, rng)
+            if cfg.air_margin > 0:
+                # Air round the scan (0 after every CT preset's clip, as the sliding
+                # window's padding): what a window sees past a small body in a wide
+                # field of view, or past the first and last slice.
+                air = [(a, a) for a in (int(rng.integers(0, int(p * cfg.air_margin) + 1))
+                                        for p in cfg.patch_zyx)]
+                x, y = np.pad(x, air), np.pad(y, air)
             focus = None
             if rng.random() < 0.7:
                 idx = np.argwhere(y > 0)
