@@ -54,7 +54,8 @@ def test_written_package_verifies_and_loads(package: Path) -> None:
     loaded = load_package(package, "cpu")
     x = torch.zeros(1, 1, 16, 16, 16)
     assert loaded.module(x).shape == (1, 2, 16, 16, 16)
-    assert "synthetic phantoms" in (package / "MODEL_CARD.md").read_text()
+    card = (package / "MODEL_CARD.md").read_text()
+    assert "not for clinical use" in card and "training.provenance names every source" in card
 
 
 def test_tampered_weights_are_refused(package: Path) -> None:
