@@ -400,3 +400,20 @@ def test_a_not_assessable_report_carries_nothing_but_its_reason() -> None:
     assert res.reason == "anatomy check: the gland lies at the body's edge"
     assert res.segments == [] and res.findings == []
     assert res.summary() == "Not assessable: anatomy check: the gland lies at the body's edge"
+
+
+def test_the_mr_model_knows_its_own_phantoms_and_refuses_far_features() -> None:
+    """The MR stage 2 has competence statistics too: a fresh training-generator MR phantom
+    stays inside them, a feature vector far from them does not."""
+    mr = build_pipeline("pancreas-mr", device="cpu")
+    comp = mr.stage2.manifest.competence
+    assert comp is not None and mr.stage2.competence is not None
+    stats = mr.stage2.competence
+    far = stats["mean"] + 10.0 * stats["scale"]
+    assert competence_check(far, stats, comp.threshold).passed is False
+    ph = generate(PhantomSpec(seed=424243, contrast="mr_t1", diagnosis="PDAC",
+                              lesion_diameter_mm=30.0))
+    img, _ = phantom_to_sitk(ph)
+    rep = mr.report(img)
+    app = rep.provenance["applicability"]
+    assert app["competence"]["state"] == "passed", rep.summary()
