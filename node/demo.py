@@ -335,4 +335,5 @@ def print_report(report: DemoReport, say: Say = print) -> None:
             f"{', '.join(report.pacs_series)}")
     if report.pngs:
         say(f"rendered  {len(report.pngs)} PNG(s) in {report.pngs[0].parent}")
-    say("NOT FOR CLINICAL USE: demo weights trained on synthetic phantoms.")
+    say("NOT FOR CLINICAL USE: demo weights trained on synthesised images (model cards: "
+        "pipelines/weights/*/MODEL_CARD.md).")
