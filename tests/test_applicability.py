@@ -417,3 +417,18 @@ def test_the_mr_model_knows_its_own_phantoms_and_refuses_far_features() -> None:
     rep = mr.report(img)
     app = rep.provenance["applicability"]
     assert app["competence"]["state"] == "passed", rep.summary()
+
+
+def test_competence_features_come_from_seeds_and_folders_alike(
+        ct_pipeline, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The fitting code reads generator seeds and MSD folders through one loop: the same
+    phantom gives the same features either way."""
+    from pipelines.phantom import write_dataset
+    from pipelines.training.competence import collect_features, collect_folder_features
+
+    ids, x, recs = collect_features(ct_pipeline, [424244], "ct")
+    write_dataset(tmp_path, [424244])
+    names, y, recs2 = collect_folder_features(ct_pipeline, tmp_path)
+    assert ids == [424244] and len(names) == 1 and x.shape == y.shape == (1, x.shape[1])
+    assert np.allclose(x, y, rtol=1e-2, atol=1e-2)  # the folder holds int16 HU (rounded)
+    assert [r["failed"] for r in recs] == [r["failed"] for r in recs2]

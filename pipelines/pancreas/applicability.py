@@ -36,6 +36,7 @@ import numpy.typing as npt
 import SimpleITK as sitk  # noqa: N813
 from scipy import ndimage
 
+from pipelines.preprocess import resample_like
 from storage.image_kind import is_localizer_type
 
 __all__ = [
@@ -189,21 +190,20 @@ class CoarseView:
     body_width_mm: float  # widest left-right extent of the body outline over slices
     body_touches_sides: bool  # the outline reaches the left or right end of the field
 
-    def on_grid(self, mask: npt.NDArray[np.bool_], grid: sitk.Image) -> npt.NDArray[np.bool_]:
-        """A mask of this view taken onto ``grid`` (nearest): the inverse of ``to_grid``."""
-        m = sitk.GetImageFromArray(mask.astype(np.uint8))
-        m.CopyInformation(self.grid)
-        out = sitk.Resample(m, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0.0,
-                            sitk.sitkUInt8)
-        return sitk.GetArrayFromImage(out).astype(bool)
+    def body_on(self, grid: sitk.Image) -> npt.NDArray[np.bool_]:
+        """The body outline taken onto ``grid`` (nearest): where a gland may lie."""
+        return _mask_onto(self.body, self.grid, grid)
 
     def to_grid(self, mask: npt.NDArray[np.bool_], grid: sitk.Image) -> npt.NDArray[np.bool_]:
         """A mask on ``grid`` (any orientation) resampled onto this view (nearest)."""
-        m = sitk.GetImageFromArray(mask.astype(np.uint8))
-        m.CopyInformation(grid)
-        out = sitk.Resample(m, self.grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0.0,
-                            sitk.sitkUInt8)
-        return sitk.GetArrayFromImage(out).astype(bool)
+        return _mask_onto(mask, grid, self.grid)
+
+
+def _mask_onto(mask: npt.NDArray[np.bool_], on: sitk.Image,
+               onto: sitk.Image) -> npt.NDArray[np.bool_]:
+    m = sitk.GetImageFromArray(mask.astype(np.uint8))
+    m.CopyInformation(on)
+    return sitk.GetArrayFromImage(resample_like(m, onto, label=True)).astype(bool)
 
 
 def _bounds(img: sitk.Image) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:

@@ -316,7 +316,7 @@ class PancreasPipeline:
             p = torch.softmax(logits.float(), dim=1)[0, 1:].sum(0).cpu().numpy()
         if self.settings.body_gate and self.stage1.manifest.input.modality == "CT":
             view = view or coarse_view(img, "CT")
-            p = np.where(view.on_grid(view.body, grid), p, 0.0).astype(np.float32)
+            p = np.where(view.body_on(grid), p, 0.0).astype(np.float32)
         mask = p >= self.settings.pancreas_threshold
         vox_ml = float(np.prod(grid.GetSpacing())) / 1000.0
         predicted_ml = float(mask.sum()) * vox_ml

@@ -29,6 +29,7 @@ Labels follow the Task07 convention the training and evaluation code read:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import time
@@ -757,6 +758,26 @@ SIEMENS_SERIES = Path("dicom/ct_abdomen_siemens")
 SIEMENS_SEG = Path("nifti/totalsegmentator_example/example_seg_dicom.nii.gz")
 
 
+@functools.lru_cache(maxsize=1)
+def _siemens_cached() -> tuple[sitk.Image, npt.NDArray[np.uint8], npt.NDArray[np.float32]]:
+    """The series (decoded once per process: 20 JPEG 2000 files), its tissue codes and HU."""
+    from pipelines.phantom.labelmaps import _TOTALSEG, _lut, data_root
+    from pipelines.volume import load_series
+
+    root = data_root()
+    if not (root / SIEMENS_SEG).exists():
+        raise FileNotFoundError("Siemens series or its labels not found (../shared/data)")
+    img = load_series(sorted((root / SIEMENS_SERIES).glob("*.dcm"))).to_sitk()
+    seg = sitk.Resample(sitk.ReadImage(str(root / SIEMENS_SEG)), img, sitk.Transform(),
+                        sitk.sitkNearestNeighbor, 0)
+    lut = _lut(_TOTALSEG, 256, "body")
+    tissue = lut[np.clip(sitk.GetArrayFromImage(seg).astype(np.int64), 0, 255)]
+    hu = sitk.GetArrayFromImage(img).astype(np.float32)
+    hu.flags.writeable = False
+    tissue.flags.writeable = False
+    return img, tissue, hu
+
+
 def real_siemens_ct(spec: RandomisedSpec) -> RandomisedCase:
     """The real Siemens series with TotalSegmentator's labels, as a training case.
 
@@ -767,19 +788,9 @@ def real_siemens_ct(spec: RandomisedSpec) -> RandomisedCase:
     only moves the HU by a small offset and adds a little noise. A model that trains
     on it has seen it: its figures on this series are then not evidence.
     """
-    from pipelines.phantom.labelmaps import _TOTALSEG, _lut, data_root
-    from pipelines.volume import load_series
-
-    root = data_root()
-    if not (root / SIEMENS_SEG).exists():
-        raise FileNotFoundError("Siemens series or its labels not found (../shared/data)")
     rng = np.random.default_rng([spec.seed, 0x51E3])
-    img = load_series(sorted((root / SIEMENS_SERIES).glob("*.dcm"))).to_sitk()
-    seg = sitk.Resample(sitk.ReadImage(str(root / SIEMENS_SEG)), img, sitk.Transform(),
-                        sitk.sitkNearestNeighbor, 0)
-    lut = _lut(_TOTALSEG, 256, "body")
-    tissue = lut[np.clip(sitk.GetArrayFromImage(seg).astype(np.int64), 0, 255)]
-    hu = sitk.GetArrayFromImage(img).astype(np.float32)
+    img, tissue, series_hu = _siemens_cached()
+    hu = series_hu.copy()
     body = hu > -500.0
     noise = float(rng.uniform(0.0, 12.0))
     hu[body] += float(rng.uniform(-20.0, 20.0)) + noise * rng.standard_normal(

@@ -113,23 +113,30 @@ def fit_statistics(fit: npt.NDArray[np.float64], validation: npt.NDArray[np.floa
     return CompetenceFit(mean, scale, precision, shrink, threshold, percentile, fit_d, val_d)
 
 
+def _features(pipeline: Any, cases: Iterable[tuple[Any, Any]]) -> tuple[
+        list[Any], npt.NDArray[np.float64], list[dict[str, Any]]]:
+    """Pooled stage-2 features of (id, image) pairs; cases where stage 1 finds no gland
+    are left out, and every case's check record is kept."""
+    used: list[Any] = []
+    feats: list[npt.NDArray[np.float64]] = []
+    records: list[dict[str, Any]] = []
+    for case_id, img in cases:
+        f, record = pipeline.case_features(img)
+        records.append({"seed": case_id, "failed": record.get("applicability_failed")})
+        if f is not None:
+            used.append(case_id)
+            feats.append(np.asarray(f, np.float64))
+    return used, (np.array(feats) if feats else np.zeros((0, 0))), records
+
+
 def collect_features(pipeline: Any, seeds: Iterable[int], contrast: str) -> tuple[
         list[int], npt.NDArray[np.float64], list[dict[str, Any]]]:
     """Each phantom's pooled stage-2 features (seeds where stage 1 finds no gland are left out)."""
     from pipelines.phantom import PhantomSpec, generate, phantom_to_sitk
 
-    used: list[int] = []
-    feats: list[npt.NDArray[np.float64]] = []
-    records: list[dict[str, Any]] = []
-    for seed in seeds:
-        ph = generate(PhantomSpec(seed=seed, contrast=contrast))  # type: ignore[arg-type]
-        img, _ = phantom_to_sitk(ph)
-        f, record = pipeline.case_features(img)
-        records.append({"seed": seed, "failed": record.get("applicability_failed")})
-        if f is not None:
-            used.append(seed)
-            feats.append(np.asarray(f, np.float64))
-    return used, np.array(feats), records
+    return _features(pipeline, (
+        (seed, phantom_to_sitk(generate(PhantomSpec(seed=seed, contrast=contrast)))[0])  # type: ignore[arg-type]
+        for seed in seeds))
 
 
 def collect_folder_features(pipeline: Any, folder: Path, limit: int | None = None) -> tuple[
@@ -138,17 +145,7 @@ def collect_folder_features(pipeline: Any, folder: Path, limit: int | None = Non
     randomised-appearance sets a model trained or is validated on."""
     from pipelines.training.data import find_cases, read_case
 
-    used: list[str] = []
-    feats: list[npt.NDArray[np.float64]] = []
-    records: list[dict[str, Any]] = []
-    for case in find_cases(folder)[:limit]:
-        img, _ = read_case(case)
-        f, record = pipeline.case_features(img)
-        records.append({"seed": case.case_id, "failed": record.get("applicability_failed")})
-        if f is not None:
-            used.append(case.case_id)
-            feats.append(np.asarray(f, np.float64))
-    return used, np.array(feats).reshape(len(feats), -1), records
+    return _features(pipeline, ((c.case_id, read_case(c)[0]) for c in find_cases(folder)[:limit]))
 
 
 def _folder(text: str) -> tuple[Path, int | None]:
@@ -167,7 +164,7 @@ def _collect(pipe: Any, seeds: range | None, folders: list[tuple[Path, int | Non
     if seeds is not None:
         i, x, r = collect_features(pipe, seeds, contrast)
         ids, recs = ids + i, recs + r
-        parts.append(x.reshape(len(i), -1))
+        parts.append(x)
         said.append(f"{len(i)} training-generator phantoms, {_describe(seeds)} "
                     "(pipelines.phantom)")
     for folder, n in folders:

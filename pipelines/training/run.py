@@ -189,6 +189,39 @@ def _extra_sets(recipe: Recipe, work: Path, scale: float,
     return out
 
 
+def _kept(out: Path) -> dict[str, Any] | None:
+    """A finished step's result, kept beside ``final`` so that a rerun skips it."""
+    if not out.exists():
+        return None
+    done: dict[str, Any] = torch.load(out, map_location="cpu", weights_only=False)
+    return done
+
+
+def _continue_end_to_end(recipe: Recipe, work: Path, st: dict[str, Any], step: str,
+                         cases: list[Any], iterations: int, minutes: float, seed: int,
+                         progress: Callable[[str], None] | None) -> tuple[
+                             dict[str, Any], TrainResult, TrainConfig, int]:
+    """The trained stage-2 model continued end to end on ``cases`` (window crops as the
+    recipe says; resumes from ``ckpt/<package>.<step>.ckpt``): the new state, the run,
+    its config and how many cases it saw."""
+    t0 = time.monotonic()
+    s2, classes = _stage2_set(recipe, cases)
+    _say(progress, f"{recipe.package} {step}: {len(s2)} cases loaded in "
+                   f"{time.monotonic() - t0:.0f}s")
+    (work / "ckpt").mkdir(parents=True, exist_ok=True)
+    cfg = replace(_config(recipe, seed, iterations, minutes), lr=recipe.refine_lr,
+                  phases=(0.0, 0.0), window_crops=recipe.window_crops, init=st["state_dict"])
+    res = train_stage2(s2, classes, cfg, work / "ckpt" / f"{recipe.package}.{step}.ckpt",
+                       progress)
+    new = {**st, "state_dict": res.model.state_dict(), "seconds": st["seconds"] + res.seconds,
+           "iterations": st["iterations"] + res.iterations, "losses": res.losses}
+    return new, res, cfg, len(s2)
+
+
+def _losses(res: TrainResult) -> dict[str, float]:
+    return {k: round(float(v), 4) for k, v in res.losses.items()}
+
+
 def _refine_randomised(recipe: Recipe, work: Path, st: dict[str, Any], scale: float,
                        progress: Callable[[str], None] | None) -> dict[str, Any]:
     """The finished stage-2 model refined end to end on the randomised-appearance, real-CT
@@ -198,31 +231,19 @@ def _refine_randomised(recipe: Recipe, work: Path, st: dict[str, Any], scale: fl
     was shown; refined on appearance drawn afresh per case (and on a real background)
     it has to go by the lesion's shape and contrast against the gland."""
     out = work / f"{recipe.package}.final-randomised.pt"
-    if out.exists():
-        done: dict[str, Any] = torch.load(out, map_location="cpu", weights_only=False)
+    if (done := _kept(out)) is not None:
         return done
     extra = _extra_sets(recipe, work, scale, progress)
-    cases = [c for d in extra for c in find_cases(d, "Tr")]
-    t0 = time.monotonic()
-    s2, classes = _stage2_set(recipe, cases)
-    _say(progress, f"{recipe.package} randomised refine: {len(s2)} cases loaded in "
-                   f"{time.monotonic() - t0:.0f}s")
-    (work / "ckpt").mkdir(parents=True, exist_ok=True)
     scl = min(scale, 1.0)
-    cfg = replace(_config(recipe, 2, max(2, int(recipe.randomised_iterations * scl)),
-                          recipe.randomised_minutes * max(scl, 0.05)),
-                  lr=recipe.refine_lr, phases=(0.0, 0.0), window_crops=recipe.window_crops,
-                  init=st["state_dict"])
-    res = train_stage2(s2, classes, cfg,
-                       work / "ckpt" / f"{recipe.package}.randomised.ckpt", progress)
-    new = {**st, "state_dict": res.model.state_dict(), "seconds": st["seconds"] + res.seconds,
-           "iterations": st["iterations"] + res.iterations, "losses": res.losses,
-           "randomised": {"iterations": res.iterations, "lr": cfg.lr,
-                          "window_crops": cfg.window_crops,
-                          "data": "; ".join(f"{p.name}: {len(find_cases(p, 'Tr'))} cases"
-                                            for p in extra),
-                          "seconds": round(res.seconds),
-                          "losses": {k: round(float(v), 4) for k, v in res.losses.items()}}}
+    new, res, cfg, _ = _continue_end_to_end(
+        recipe, work, st, "randomised", [c for d in extra for c in find_cases(d, "Tr")],
+        max(2, int(recipe.randomised_iterations * scl)),
+        recipe.randomised_minutes * max(scl, 0.05), 2, progress)
+    new["randomised"] = {"iterations": res.iterations, "lr": cfg.lr,
+                         "window_crops": cfg.window_crops,
+                         "data": "; ".join(f"{p.name}: {len(find_cases(p, 'Tr'))} cases"
+                                           for p in extra),
+                         "seconds": round(res.seconds), "losses": _losses(res)}
     torch.save(new, out)
     return new
 
@@ -235,35 +256,25 @@ def _refine(recipe: Recipe, data: Path, work: Path, st: dict[str, Any], scale: f
     Why: the lesion map of a model trained on lesion-centred crops alone turned out to
     depend on where a lesion falls in the one or two windows a stage-1 ROI gets."""
     out = work / f"{recipe.package}.final-refine.pt"
-    if out.exists():
-        done: dict[str, Any] = torch.load(out, map_location="cpu", weights_only=False)
+    if (done := _kept(out)) is not None:
         return done
     assert recipe.refine_seeds is not None
     seeds = range(*recipe.refine_seeds)
     if scale < 1.0:
         seeds = seeds[: max(6, int(len(seeds) * scale))]
     extra = _phantoms(recipe, work, "refine", seeds, progress)
-    (work / "ckpt").mkdir(parents=True, exist_ok=True)
     cases = find_cases(data, "Tr")[: st["cases"]] + find_cases(extra, "Tr")
-    t0 = time.monotonic()
-    s2, classes = _stage2_set(recipe, cases)
-    _say(progress, f"{recipe.package} refine: {len(s2)} cases loaded in "
-                   f"{time.monotonic() - t0:.0f}s")
-    cfg = replace(_config(recipe, 1, max(2, int(recipe.refine_iterations * min(scale, 1.0))),
-                          recipe.refine_minutes * max(min(scale, 1.0), 0.05)),
-                  lr=recipe.refine_lr, phases=(0.0, 0.0), window_crops=recipe.window_crops,
-                  init=st["state_dict"])
-    res = train_stage2(s2, classes, cfg, work / "ckpt" / f"{recipe.package}.refine.ckpt",
-                       progress)
-    new = {**st, "state_dict": res.model.state_dict(), "seconds": st["seconds"] + res.seconds,
-           "iterations": st["iterations"] + res.iterations, "losses": res.losses,
-           "refine": {"iterations": res.iterations, "lr": cfg.lr,
-                      "window_crops": cfg.window_crops, "roi_jitter": cfg.roi_jitter,
-                      "data": f"seeds {st['seeds'][0]}..{st['seeds'][1] - 1} and "
-                              f"{seeds.start}..{seeds.stop - 1} ({len(s2)} cases)",
-                      "seconds": round(res.seconds),
-                      "small_lesion_boost": cfg.small_lesion_boost,
-                      "losses": {k: round(float(v), 4) for k, v in res.losses.items()}}}
+    new, res, cfg, n = _continue_end_to_end(
+        recipe, work, st, "refine", cases,
+        max(2, int(recipe.refine_iterations * min(scale, 1.0))),
+        recipe.refine_minutes * max(min(scale, 1.0), 0.05), 1, progress)
+    new["refine"] = {"iterations": res.iterations, "lr": cfg.lr,
+                     "window_crops": cfg.window_crops, "roi_jitter": cfg.roi_jitter,
+                     "data": f"seeds {st['seeds'][0]}..{st['seeds'][1] - 1} and "
+                             f"{seeds.start}..{seeds.stop - 1} ({n} cases)",
+                     "seconds": round(res.seconds),
+                     "small_lesion_boost": cfg.small_lesion_boost,
+                     "losses": _losses(res)}
     torch.save(new, out)
     return new
 
@@ -272,8 +283,7 @@ def _finetune_head(recipe: Recipe, data: Path, work: Path, st: dict[str, Any], s
                    progress: Callable[[str], None] | None) -> dict[str, Any]:
     """Stage 2's tumour-type MLP retrained on cached frozen features (kept like ``final``)."""
     out = work / f"{recipe.package}.final-head.pt"
-    if out.exists():
-        done: dict[str, Any] = torch.load(out, map_location="cpu", weights_only=False)
+    if (done := _kept(out)) is not None:
         return done
     from pipelines.models.networks import build
 
