@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -31,8 +32,8 @@ __all__ = ["create_app"]
 def create_app(ctx: WebContext) -> FastAPI:
     app = FastAPI(title="dicom-ai-node", version=__version__,
                   description="Console, REST API and DICOMweb of the node (research use "
-                  "only, not a medical device).", docs_url="/api/docs",
-                  openapi_url="/api/openapi.json", redoc_url=None)
+                  "only, not a medical device).", docs_url=None, openapi_url=None,
+                  redoc_url=None)
     app.state.ctx = ctx
     web = ctx.config.web
     app.state.throttle = LoginThrottle(web.max_failed_logins, web.failed_login_window_s)
@@ -45,6 +46,16 @@ def create_app(ctx: WebContext) -> FastAPI:
     app.include_router(dicomweb.router)
     app.mount("/static", StaticFiles(directory=str(Path(__file__).parent / "static")),
               name="static")
+
+    # FastAPI's own docs routes would be served to anyone: these are the same, logged in.
+    @app.get("/api/openapi.json", include_in_schema=False)
+    def openapi(user: Viewer) -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/api/docs", include_in_schema=False)
+    def docs(user: Viewer) -> Response:
+        return get_swagger_ui_html(openapi_url="/api/openapi.json",
+                                   title="dicom-ai-node API")
 
     @app.get("/healthz", include_in_schema=True, tags=["health"])
     def healthz() -> dict[str, str]:

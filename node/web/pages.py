@@ -61,8 +61,11 @@ def login(request: Request, username: Annotated[str, Form()],
     wait = throttle.retry_after(*keys)
     if wait:
         ctx.audit_login(username, host, ok=False, via="form", event="user.login_throttled")
-        return _page(request, "login.html", None, status_code=429,
+        resp = _page(request, "login.html", None,
                      error=f"Too many failed logins; try again in {int(wait) + 1} s.")
+        resp.status_code = 429
+        resp.headers["Retry-After"] = str(int(wait) + 1)
+        return resp
     with ctx.db.session() as s:
         p = authenticate(s, username, password)
         if p is not None:
