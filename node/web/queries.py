@@ -94,6 +94,11 @@ def status(ctx: WebContext) -> dict[str, Any]:
             select(Job.pipeline, Job.model_version).where(Job.state == JobState.DONE)
             .order_by(Job.finished_at)).all()}
         last_received = s.scalar(select(func.max(Instance.received_at)))
+        recent = [{"series_uid": se.series_instance_uid, "modality": se.modality,
+                   "instances": se.instance_count, "state": se.state.value,
+                   "calling_ae": se.calling_ae, "last_received_at": _iso(se.last_received_at)}
+                  for se in s.scalars(select(Series).order_by(Series.last_received_at.desc())
+                                      .limit(6))]
     hours = []
     for h in range(23, -1, -1):
         start = now - timedelta(hours=h + 1)
@@ -117,6 +122,7 @@ def status(ctx: WebContext) -> dict[str, Any]:
         "last_errors": errors,
         "model_versions": versions,
         "last_received_at": _iso(last_received),
+        "recent_series": recent,
     }
 
 
