@@ -107,6 +107,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
             import pydicom
 
             first = pydicom.dcmread(files[0], stop_before_pixels=True)
+            # Orthanc, the STOW-RS source: the study goes to the node over DICOMweb.
+            pacs.post("/dicom-web/servers/node/stow", {"Resources": list(study_ids)},
+                      timeout=300)
             yield Setup(node, pacs, node_url, passwords, str(first.SeriesInstanceUID),
                         str(first.StudyInstanceUID))
     finally:
@@ -115,9 +118,6 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
 
 def test_orthanc_stows_a_study_in_and_receives_the_results_by_stow(setup: Setup) -> None:
     (orthanc_study,) = setup.pacs.get("/studies")
-    answer = setup.pacs.post("/dicom-web/servers/node/stow", {"Resources": [orthanc_study]},
-                             timeout=300)
-    del answer
     n = len(setup.pacs.get(f"/studies/{orthanc_study}/instances"))
     received = _db_scalars(setup.node, sa.select(AuditEvent.actor).where(
         AuditEvent.event == "instance.received"))

@@ -7,6 +7,7 @@ same data the REST API returns, so nothing is computed twice.
 
 from __future__ import annotations
 
+import json
 import shutil
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -27,6 +28,8 @@ from storage.users import authenticate, create_session, end_session
 __all__ = ["TEMPLATES", "router"]
 
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
+TEMPLATES.env.filters["compact"] = lambda v: json.dumps(v, ensure_ascii=False,
+                                                        separators=(", ", ": "), default=str)
 DISCLAIMER = ("Research use only. Not a medical device: results are not for diagnosis "
               "or treatment decisions and must be checked by a qualified reader.")
 

@@ -235,6 +235,10 @@ def series_detail(ctx: WebContext, series_uid: str, *, phi: bool) -> dict[str, A
         return detail
 
 
+_SR_PLUMBING = {"Algorithm Name", "Algorithm Version", "Tracking Identifier",
+                "Algorithm Family", "Algorithm Parameters", "Manufacturer"}
+
+
 def _sr_text(ctx: WebContext, outputs: list[Output]) -> list[str]:
     """The SR's text items, in document order (what a PACS viewer would show)."""
     import pydicom
@@ -245,7 +249,11 @@ def _sr_text(ctx: WebContext, outputs: list[Output]) -> list[str]:
     def walk(items: Any) -> None:
         for item in items or []:
             if getattr(item, "ValueType", None) == "TEXT" and "TextValue" in item:
-                texts.append(str(item.TextValue))
+                names = item.get("ConceptNameCodeSequence") or []
+                name = str(names[0].CodeMeaning) if names else ""
+                # The algorithm identification and tracking ids are for machines.
+                if name not in _SR_PLUMBING:
+                    texts.append(f"{name}: {item.TextValue}" if name else str(item.TextValue))
             walk(item.get("ContentSequence"))
 
     for o in outputs[:1]:
