@@ -272,3 +272,40 @@ def test_stow_failures_carry_the_c_store_statuses(
     r = httpx.post(f"{url}/studies", content=b"hello", headers={**auth,
                                                                 "Content-Type": "text/plain"})
     assert r.status_code == 415
+
+
+def test_admin_job_actions_through_the_api_are_audited_with_the_user(web: Web) -> None:
+    from storage import jobs as job_store
+    from storage.ingest import Peer
+    from storage.models import Job, Series
+
+    for p in _files(2):
+        web.ctx.ingestor.ingest(p.read_bytes(), transfer_syntax_uid="1.2.840.10008.1.2.1",
+                                peer=Peer("STORESCU", "127.0.0.1"))
+    with web.ctx.db.session() as s:
+        series = s.scalars(sa.select(Series)).one()
+        job, _ = job_store.ensure_job(s, series, job_store.JobRequest("pancreas-mr", "v0"))
+        job_id, series_uid = job.id, series.series_instance_uid
+        token = users.create_token(s, "ada", "ops", actor="test")
+    bearer = {"authorization": f"Bearer {token}"}
+    c = web.client
+    assert c.post(f"/api/v1/jobs/{job_id}/cancel", headers=bearer).json()["state"] == "cancelled"
+    assert c.post(f"/api/v1/jobs/{job_id}/retry", headers=bearer).json()["state"] == "queued"
+    assert c.post("/api/v1/jobs/999/retry", headers=bearer).status_code == 400
+    listed = c.get("/api/v1/jobs", headers=bearer).json()
+    assert [(j["id"], j["state"]) for j in listed] == [(job_id, "queued")]
+    detail = c.get(f"/api/v1/series/{series_uid}", headers=bearer).json()
+    assert detail["instances"] == 2 and detail["jobs"][0]["id"] == job_id
+    (study,) = c.get("/api/v1/studies", headers=bearer).json()
+    assert "patient_name" in study  # an admin sees identities ...
+    with web.ctx.db.session() as s:
+        vtoken = users.create_token(s, "vic", "ro", actor="test")
+        actors = {(e.event, e.actor) for e in s.scalars(
+            sa.select(AuditEvent).where(AuditEvent.job_id == job_id))}
+        assert s.get(Job, job_id) is not None
+    (vstudy,) = c.get("/api/v1/studies", headers={"authorization": f"Bearer {vtoken}"}).json()
+    assert "patient_name" not in vstudy  # ... a viewer does not
+    assert {("job.cancelled", "web:ada"), ("job.retried", "web:ada")} <= actors, actors
+    csv = c.get(f"/api/v1/audit.csv?series_uid={series_uid}", headers=bearer)
+    assert csv.status_code == 200 and csv.text.startswith("id,ts,event")
+    assert "job.cancelled" in csv.text

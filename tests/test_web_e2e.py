@@ -107,6 +107,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
             import pydicom
 
             first = pydicom.dcmread(files[0], stop_before_pixels=True)
+            r = node.ainode("destinations", "add", "orthanc-dicom", "--ae-title", "WEBPACS",
+                            "--host", "127.0.0.1", "--port", str(pacs.dicom_port))
+            assert r.returncode == 0, r.stderr
             # Orthanc, the STOW-RS source: the study goes to the node over DICOMweb.
             pacs.post("/dicom-web/servers/node/stow", {"Resources": list(study_ids)},
                       timeout=300)
@@ -209,6 +212,14 @@ def test_browser_sees_what_arrived_and_the_result_and_roles_hold(setup: Setup) -
             d.get(f"{url}/{page}")
             assert d.find_element(By.TAG_NAME, "h1").text
             shot(d, page)
+        d.get(url + "/destinations")
+        for name, says in (("orthanc-dicom", "echo succeeded"), ("orthanc-web",
+                                                                 "echo succeeded")):
+            d.find_element(By.CSS_SELECTOR,
+                           f'form[action="/destinations/{name}/echo"] button').click()
+            result = wait_for(lambda: d.find_elements(By.ID, "echo-result"), timeout=30,
+                              what="the echo result")
+            assert result[0].text == f"{name}: {says}"
         d.get(url + "/rules/edit")
         assert d.find_element(By.ID, "rule-editor")
         shot(d, "rule-editor")

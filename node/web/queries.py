@@ -235,8 +235,8 @@ def series_detail(ctx: WebContext, series_uid: str, *, phi: bool) -> dict[str, A
         return detail
 
 
-_SR_PLUMBING = {"Algorithm Name", "Algorithm Version", "Tracking Identifier",
-                "Algorithm Family", "Algorithm Parameters", "Manufacturer"}
+_SR_PLUMBING = {"Tracking Identifier", "Tracking Unique Identifier", "Manufacturer"}
+_SR_PLUMBING_PREFIXES = ("Algorithm ", "Device Observer ")
 
 
 def _sr_text(ctx: WebContext, outputs: list[Output]) -> list[str]:
@@ -252,7 +252,7 @@ def _sr_text(ctx: WebContext, outputs: list[Output]) -> list[str]:
                 names = item.get("ConceptNameCodeSequence") or []
                 name = str(names[0].CodeMeaning) if names else ""
                 # The algorithm identification and tracking ids are for machines.
-                if name not in _SR_PLUMBING:
+                if name not in _SR_PLUMBING and not name.startswith(_SR_PLUMBING_PREFIXES):
                     texts.append(f"{name}: {item.TextValue}" if name else str(item.TextValue))
             walk(item.get("ContentSequence"))
 
@@ -262,7 +262,7 @@ def _sr_text(ctx: WebContext, outputs: list[Output]) -> list[str]:
         except (OSError, InvalidDicomError):
             continue
         walk(ds.get("ContentSequence"))
-    return texts
+    return list(dict.fromkeys(texts))  # one line per statement, in document order
 
 
 def rules(ctx: WebContext) -> list[dict[str, Any]]:
