@@ -212,6 +212,9 @@ def test_browser_sees_what_arrived_and_the_result_and_roles_hold(setup: Setup) -
             d.get(f"{url}/{page}")
             assert d.find_element(By.TAG_NAME, "h1").text
             shot(d, page)
+        d.get(f"{url}/rules?test_rule=web-ct&series_uid={mr_series}")
+        assert "web-ct matches 1" in d.find_element(By.ID, "replay").text  # the phantom
+        assert "does not equal" in d.find_element(By.ID, "rule-test").text  # MR is not CT
         d.get(url + "/destinations")
         for name, says in (("orthanc-dicom", "echo succeeded"), ("orthanc-web",
                                                                  "echo succeeded")):

@@ -26,7 +26,8 @@ from storage.errors import ConflictError, InputError, NodeError, TransferError
 from storage.models import Destination, Series
 from storage.users import Principal
 
-__all__ = ["cancel", "echo", "reprocess", "retry", "save_rule", "set_enabled", "test_rule"]
+__all__ = ["cancel", "echo", "replay", "reprocess", "retry", "save_rule", "set_enabled",
+           "test_rule"]
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,31 @@ def test_rule(ctx: WebContext, name: str, series_uid: str) -> dict[str, Any]:
         spec = rule_store.spec_of(rule_store.get_rule(s, name))
         (ev,) = evaluate_series(s, row, [spec], ctx.store)
         return {"series": series_uid, **ev.to_dict()}
+
+
+def replay(ctx: WebContext, days: float = 7.0, limit: int = 2000) -> dict[str, Any]:
+    """What the enabled rules would route among the series of the last ``days`` (runs nothing),
+    as ``ainode rules replay`` does: per rule, how many series it matches."""
+    from datetime import timedelta
+
+    from node.orchestration import evaluate_series
+    from storage.models import utcnow
+
+    since = utcnow() - timedelta(days=days)
+    with http_errors(), ctx.db.session() as s:
+        current = rule_store.current_rules(s, enabled_only=True)
+        specs = [rule_store.spec_of(r) for r in current]
+        matched = dict.fromkeys((r.name for r in current), 0)
+        unrouted = total = 0
+        for row in s.scalars(select(Series).where(Series.last_received_at >= since)
+                             .order_by(Series.last_received_at.desc()).limit(limit)):
+            total += 1
+            evs = evaluate_series(s, row, specs, ctx.store)
+            hits = [sp.name for sp, ev in zip(specs, evs, strict=True) if ev.matched]
+            for name in hits:
+                matched[name] += 1
+            unrouted += not hits
+        return {"days": days, "series": total, "matched": matched, "unmatched": unrouted}
 
 
 def echo(ctx: WebContext, name: str, user: Principal) -> dict[str, Any]:

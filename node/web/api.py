@@ -97,6 +97,12 @@ def enable_rule(request: Request, name: str, user: Admin, enabled: bool = True
     return actions.set_enabled(_ctx(request), name, enabled, user)
 
 
+@router.get("/rules/replay")
+def replay_rules(request: Request, user: Viewer,
+                 days: Annotated[float, Query(gt=0, le=365)] = 7.0) -> dict[str, Any]:
+    return actions.replay(_ctx(request), days)
+
+
 @router.get("/rules/{name}/test")
 def test_rule(request: Request, name: str, series_uid: str, user: Viewer) -> dict[str, Any]:
     return actions.test_rule(_ctx(request), name, series_uid)

@@ -172,7 +172,8 @@ def rules_page(request: Request, user: Viewer, test_rule: str | None = None,
     if test_rule and series_uid:
         tested = actions.test_rule(ctx, test_rule, series_uid.strip())
     return _page(request, "rules.html", user, rules=queries.rules(ctx), tested=tested,
-                 test_rule=test_rule or "", series_uid=series_uid or "")
+                 test_rule=test_rule or "", series_uid=series_uid or "",
+                 replay=actions.replay(ctx))
 
 
 @router.get("/destinations")
