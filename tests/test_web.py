@@ -309,3 +309,54 @@ def test_admin_job_actions_through_the_api_are_audited_with_the_user(web: Web) -
     csv = c.get(f"/api/v1/audit.csv?series_uid={series_uid}", headers=bearer)
     assert csv.status_code == 200 and csv.text.startswith("id,ts,event")
     assert "job.cancelled" in csv.text
+
+
+def test_users_cli_add_list_reset_token_remove(tmp_path: Path) -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from node.cli import app, exit_code
+    from storage.db import Database
+    from storage.errors import NodeError
+
+    cfg = tmp_path / "node.yaml"
+    cfg.write_text(yaml.safe_dump({"storage": {"data_dir": str(tmp_path / "data")},
+                                   "logging": {"level": "WARNING"}}))
+
+    def run(*args: str, given: str | None = None) -> tuple[int, str]:
+        r = CliRunner().invoke(app, ["--config", str(cfg), *args], input=given)
+        if isinstance(r.exception, NodeError):
+            return exit_code(r.exception), str(r.exception)
+        return r.exit_code, r.output
+
+    code, out = run("users", "add", "ops", "--role", "admin", "--generate")
+    assert code == 0 and "password: " in out
+    first = out.split("password: ")[1].split()[0]
+    code, out = run("users", "add", "reader", given="a long password\na long password\n")
+    assert code == 0, out
+    assert run("users", "add", "shorty", given="short\nshort\n")[0] == 2
+    assert run("users", "add", "ops", "--generate")[0] == 2  # taken
+    code, out = run("users", "list", "--json")
+    assert code == 0 and '"role": "admin"' in out and '"reader"' in out
+    assert "password" not in out.replace("password_changed_at", "")
+    code, out = run("users", "reset", "ops", "--generate")
+    second = out.split("password: ")[1].split()[0]
+    code, token = run("users", "token", "reader", "--name", "prometheus")
+    assert code == 0 and token.strip().startswith("ain_")
+    db = Database(f"sqlite:///{tmp_path / 'data' / 'ainode.db'}")
+    try:
+        with db.session() as s:
+            assert users.authenticate(s, "ops", first) is None
+            assert users.authenticate(s, "ops", second) is not None
+            assert users.by_token(s, token.strip()) is not None
+        assert run("users", "remove", "reader")[0] == 0
+        assert run("users", "remove", "reader")[0] == 2
+        with db.session() as s:
+            assert users.by_token(s, token.strip()) is None  # its tokens went with it
+            events = list(s.scalars(sa.select(AuditEvent.event)
+                                    .where(AuditEvent.event.startswith("user."))
+                                    .order_by(AuditEvent.id)))
+    finally:
+        db.dispose()
+    assert events == ["user.added", "user.added", "user.password_reset",
+                      "user.token_created", "user.removed"]

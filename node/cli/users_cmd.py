@@ -15,6 +15,7 @@ from node.cli.context import get
 from node.cli.output import emit
 from storage import users
 from storage.audit import os_actor
+from storage.errors import ConflictError, InputError
 from storage.models import UserRole
 
 __all__ = ["app"]
@@ -44,8 +45,11 @@ def add(ctx: typer.Context, username: str,
     app_ctx = get(ctx)
     migrate.upgrade(app_ctx.db)
     password = _password(generate)
-    with app_ctx.db.session() as s:
-        users.add_user(s, username, password, role, actor=os_actor())
+    try:
+        with app_ctx.db.session() as s:
+            users.add_user(s, username, password, role, actor=os_actor())
+    except ConflictError as exc:  # a taken name is refused input (exit 2), as elsewhere
+        raise InputError(str(exc)) from exc
     typer.echo(f"user {username} added ({role.value})")
     if generate:
         typer.echo(f"password: {password}")
