@@ -347,7 +347,12 @@ def models(ctx: WebContext) -> list[dict[str, Any]]:
                 "task": str(m.get("task", "")), "source": source,
                 "modality": str((m.get("input") or {}).get("modality", "")),
                 "card": card.read_text(encoding="utf-8") if card.is_file() else "",
-                "ran_in_jobs": sorted(v for _, v in used if str(m.get("name", "")) in v),
+                # A job records its pipeline's composite model version ("a/b/c #hash"):
+                # the package ran there when the pipeline is its prefix and its version is in it.
+                "ran_in_jobs": sorted({p for p, v in used
+                                       if str(m.get("name", pkg.name)).startswith(p)
+                                       and str(m.get("version", "?")) in v.split(" ")[0]
+                                       .split("/")}),
             })
     return out
 
