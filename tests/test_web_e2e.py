@@ -144,6 +144,21 @@ def test_orthanc_stows_a_study_in_and_receives_the_results_by_stow(setup: Setup)
     # Orthanc's QIDO-RS now finds the node's SEG in the study it sent.
     series = setup.pacs.get(f"/dicom-web/studies/{setup.phantom_study}/series")
     assert "SEG" in {s["00080060"]["Value"][0] for s in series}
+    # What a monitoring system sees (HTTP Basic here; Prometheus can send a bearer token).
+    import requests
+
+    auth = ("orthanc", setup.passwords["orthanc"])
+    ready = requests.get(f"{setup.web_url}/readyz", auth=auth, timeout=30)
+    assert ready.status_code == 200 and ready.json()["receivers"] is True
+    metrics = requests.get(f"{setup.web_url}/metrics", auth=auth, timeout=30).text
+    assert (f'ainode_store_outcomes_total{{outcome="success",transport="stow"}} {n}.0'
+            in metrics)
+    assert 'ainode_jobs{pipeline="pancreas-ct",state="done"} 1.0' in metrics
+    assert 'ainode_job_duration_seconds_count 1.0' in metrics
+    sent = re.search(r'ainode_sends_total\{destination="orthanc-web",outcome="sent"\} (\S+)',
+                     metrics)
+    assert sent and float(sent.group(1)) >= 2  # the SEG and the SR
+    assert requests.get(f"{setup.web_url}/metrics", timeout=30).status_code == 401
 
 
 def _storescu(node: NodeProc, folder: Path) -> None:
