@@ -159,6 +159,18 @@ def test_orthanc_stows_a_study_in_and_receives_the_results_by_stow(setup: Setup)
                      metrics)
     assert sent and float(sent.group(1)) >= 2  # the SEG and the SR
     assert requests.get(f"{setup.web_url}/metrics", timeout=30).status_code == 401
+    # WADO-RS serves the node's results too: a DICOMweb viewer finds the SEG beside the CT.
+    from dicomweb_client.api import DICOMwebClient
+
+    session = requests.Session()
+    session.auth = auth
+    client = DICOMwebClient(url=f"{setup.web_url}/dicomweb", session=session)
+    by_modality = {s["00080060"]["Value"][0]: s["0020000E"]["Value"][0]
+                   for s in client.search_for_series(setup.phantom_study)}
+    assert {"CT", "SEG", "SR"} <= set(by_modality)
+    (seg,) = client.retrieve_series(setup.phantom_study, by_modality["SEG"])
+    assert seg.Modality == "SEG"
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == setup.phantom_series
 
 
 def _storescu(node: NodeProc, folder: Path) -> None:
