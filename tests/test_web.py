@@ -360,3 +360,23 @@ def test_users_cli_add_list_reset_token_remove(tmp_path: Path) -> None:
         db.dispose()
     assert events == ["user.added", "user.added", "user.password_reset",
                       "user.token_created", "user.removed"]
+
+
+def test_stow_and_qido_on_postgresql(tmp_path: Path, postgres_url: str) -> None:
+    """The same STOW-RS and QIDO-RS on PostgreSQL (its string_agg, not SQLite's group_concat)."""
+    ctx = _make(tmp_path, database_url=postgres_url)
+    try:
+        with TestClient(create_app(ctx)) as c:
+            with ctx.db.session() as s:
+                token = users.create_token(s, "ada", "pg", actor="t")
+            bearer = {"authorization": f"Bearer {token}"}
+            body, ctype = _multipart([p.read_bytes() for p in _files(3)])
+            r = c.post("/dicomweb/studies", content=body,
+                       headers={**bearer, "content-type": ctype})
+            assert r.status_code == 200, r.text
+            (study,) = c.get("/dicomweb/studies", headers=bearer).json()
+            assert study["00201208"]["Value"] == [3] and study["00080061"]["Value"] == ["MR"]
+            assert c.get("/metrics", headers=bearer).status_code == 200
+    finally:
+        ctx.close()
+        ctx.db.dispose()
