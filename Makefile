@@ -8,11 +8,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Debian packages the tests talk to: dcmtk (storescu/storescp/echoscu),
-# Orthanc (the PACS), dicom3tools (dciodvfy, the validator).
-PEERS := dcmtk orthanc dicom3tools
+# Orthanc (the PACS) with its DICOMweb plugin, dicom3tools (dciodvfy, the validator),
+# chromium + chromium-driver (the browser the web console is tested with).
+PEERS := dcmtk orthanc orthanc-dicomweb dicom3tools chromium chromium-driver
 PYTEST_ARGS ?=
 
-.PHONY: help venv peers services test test-fast demo lint bench bench-ingest bench-preprocess bench-writers bench-pipeline train-demo clean
+.PHONY: help venv peers services test test-fast demo lint bench bench-ingest bench-stow bench-preprocess bench-writers bench-pipeline train-demo clean
 
 help:
 	@echo "make demo | test | test-fast | lint | bench | train-demo | clean"
@@ -33,6 +34,9 @@ peers:
 	command -v storescu >/dev/null || missing="$$missing dcmtk"; \
 	command -v Orthanc >/dev/null || test -x /usr/sbin/Orthanc || missing="$$missing orthanc"; \
 	command -v dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
+	test -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so || missing="$$missing orthanc-dicomweb"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing DICOM test peers:$$missing"; \
@@ -67,6 +71,10 @@ bench: $(STAMP) peers
 
 bench-ingest: $(STAMP) peers
 	$(BIN)/python bench/bench_ingest.py
+
+# STOW-RS against C-STORE into the same node, the 300-slice CT, in one run.
+bench-stow: $(STAMP) peers
+	$(BIN)/python bench/bench_stow.py
 
 bench-preprocess: $(STAMP)
 	nice -n 10 $(BIN)/python bench/bench_preprocess.py

@@ -46,6 +46,7 @@ __all__ = [
     "SeriesConfig",
     "StorageConfig",
     "TLSConfig",
+    "WebConfig",
     "default_accepts",
     "load_config",
 ]
@@ -197,6 +198,9 @@ class InferenceConfig(_Section):
 
 class DestinationConfig(_Section):
     name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    type: Literal["dicom", "dicomweb"] = "dicom"
+    url: str | None = Field(default=None, description="dicomweb: the STOW-RS base URL "
+                            "(results are POSTed to <url>/studies)")
     ae_title: AETitle
     host: str
     port: Annotated[int, Field(ge=1, le=65535)]
@@ -205,6 +209,42 @@ class DestinationConfig(_Section):
         default=None, description="AE title we present; default: dicom.ae_title"
     )
     tls: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dicomweb_defaults(cls, value: Any) -> Any:
+        # A DICOMweb destination is named by its URL; host and port follow from it
+        # and the AE title is only a label there.
+        if isinstance(value, dict) and value.get("type") == "dicomweb":
+            from urllib.parse import urlsplit
+
+            url = value.get("url")
+            if not url or urlsplit(str(url)).scheme not in ("http", "https"):
+                raise ValueError("a dicomweb destination needs url: http(s)://host[:port]/path")
+            parts = urlsplit(str(url))
+            value = {"ae_title": "DICOMWEB", "host": parts.hostname or "",
+                     "port": parts.port or (443 if parts.scheme == "https" else 80), **value}
+        return value
+
+
+class WebConfig(_Section):
+    """The web console, REST API, DICOMweb and /metrics (node.web)."""
+
+    enabled: bool = Field(default=False, description="serve it from `ainode serve` too "
+                          "(`ainode web` serves it on its own either way)")
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 8080
+    cert_file: Path | None = Field(default=None, description="TLS certificate (PEM)")
+    key_file: Path | None = Field(default=None, description="TLS private key (PEM)")
+    session_hours: Annotated[float, Field(gt=0, le=24 * 30)] = 8.0
+    max_failed_logins: Annotated[int, Field(ge=1, le=100)] = 5
+    failed_login_window_s: Annotated[float, Field(gt=0)] = 300.0
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> WebConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("web TLS needs both cert_file and key_file")
+        return self
 
 
 class LoggingConfig(_Section):
@@ -234,6 +274,7 @@ class NodeConfig(BaseSettings):
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     destinations: list[DestinationConfig] = Field(default_factory=list)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    web: WebConfig = Field(default_factory=WebConfig)
 
     @field_validator("destinations")
     @classmethod

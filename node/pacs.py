@@ -130,6 +130,7 @@ def orthanc(
     modalities: dict[str, tuple[str, str, int]] | None = None,
     sync_storage: bool = True,
     extra_config: dict[str, Any] | None = None,
+    http_port: int | None = None,
 ) -> Iterator[Orthanc]:
     """Start a private Orthanc; stop it (SIGTERM, then SIGKILL) on exit.
 
@@ -140,7 +141,7 @@ def orthanc(
     if binary is None:
         raise FileNotFoundError("Orthanc is not installed (Debian package: orthanc)")
     workdir.mkdir(parents=True, exist_ok=True)
-    dicom_port, http_port = free_port(), free_port()
+    dicom_port, http_port = free_port(), http_port or free_port()
     config = {
         "Name": f"ainode-test-{aet}",
         "StorageDirectory": str(workdir / "storage"),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 from datetime import UTC
+from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -32,6 +33,18 @@ from storage.filestore import FileStore
 from storage.ingest import verify_recent
 
 __all__ = ["NodeService", "default_workers"]
+
+
+def _pid_alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +68,7 @@ class NodeService:
         self.run_jobs = run_jobs
         self._jobs_stop = threading.Event()
         self._jobs_thread: threading.Thread | None = None
+        self.web: Any = None  # node.web.WebServer when config.web.enabled
 
     @property
     def port(self) -> int:
@@ -83,6 +97,8 @@ class NodeService:
             )
         self._start_orchestration()
         self.scheduler.start()
+        if self.config.web.enabled:
+            self._start_web()
         log.info("node started", extra={"port": self.port, "workers": self.workers,
                                         "run_jobs": self.run_jobs})
 
@@ -115,6 +131,30 @@ class NodeService:
             )
             self._jobs_thread.start()
 
+    def _start_web(self) -> None:
+        """The console and APIs on a thread, told what only the service knows: liveness."""
+        from node.web import WebContext, WebServer
+        from node.web.context import port_listening
+
+        host = self.config.dicom.host
+        probe_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        ctx = WebContext(self.config, self.db, self.store,
+                         receivers_alive=lambda: port_listening(probe_host, self.port),
+                         workers_alive=self._workers_alive)
+        self.web = WebServer(ctx)
+        try:
+            self.web.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _workers_alive(self) -> dict[str, bool]:
+        alive = {f"receiver {pid}": _pid_alive(pid) for pid in self.receivers.pids()}
+        if self.run_jobs:
+            alive["local job worker"] = (self._jobs_thread is not None
+                                         and self._jobs_thread.is_alive())
+        return alive
+
     def stop(self, grace_s: float = 10.0) -> None:
         """Stop accepting, let stores in flight finish, stop workers, then the scheduler.
 
@@ -122,6 +162,9 @@ class NodeService:
         with the process; its lease makes the next start requeue it.
         """
         self._jobs_stop.set()
+        if self.web is not None:
+            self.web.stop()
+            self.web = None
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
         self.receivers.stop(grace_s)

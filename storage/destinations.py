@@ -54,6 +54,10 @@ class DestinationFields(Protocol):
     def calling_ae_title(self) -> str | None: ...
     @property
     def tls(self) -> bool: ...
+    @property
+    def type(self) -> str: ...
+    @property
+    def url(self) -> str | None: ...
 
 
 def by_name(session: Session, name: str) -> Destination | None:
@@ -72,6 +76,8 @@ def _row_values(cfg: DestinationFields) -> dict[str, Any]:
         "accepts": list(cfg.accepts),
         "calling_ae_title": cfg.calling_ae_title,
         "tls": cfg.tls,
+        "kind": getattr(cfg, "type", "dicom"),
+        "url": getattr(cfg, "url", None),
     }
 
 

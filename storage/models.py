@@ -36,6 +36,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 __all__ = [
+    "ApiToken",
     "AuditEvent",
     "Base",
     "Destination",
@@ -51,6 +52,9 @@ __all__ = [
     "Study",
     "Transfer",
     "TransferState",
+    "User",
+    "UserRole",
+    "WebSession",
     "utcnow",
 ]
 
@@ -221,6 +225,9 @@ class Destination(Base):
     calling_ae_title: Mapped[str | None] = mapped_column(AE)
     tls: Mapped[bool] = mapped_column(Boolean, default=False)
     source: Mapped[str] = mapped_column(String(16), default="cli")  # "config" or "cli"
+    # "dicom" (C-STORE to ae_title@host:port) or "dicomweb" (STOW-RS to url).
+    kind: Mapped[str] = mapped_column(String(16), default="dicom")
+    url: Mapped[str | None] = mapped_column(String(512))
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -386,3 +393,51 @@ class AuditEvent(Base):
     sop_instance_uid: Mapped[str | None] = mapped_column(UID)
     job_id: Mapped[int | None] = mapped_column(Integer)
     details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class UserRole(enum.StrEnum):
+    """What a console or API user may do: ``viewer`` reads, ``admin`` also changes."""
+
+    VIEWER = "viewer"
+    ADMIN = "admin"
+
+
+class User(Base):
+    """A local user of the web console and REST/DICOMweb API (node.web)."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    # argon2id (argon2-cffi's PHC string); the password itself is never stored.
+    password_hash: Mapped[str] = mapped_column(String(255))
+    role: Mapped[UserRole] = mapped_column(_enum(UserRole, "user_role"),
+                                           default=UserRole.VIEWER)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    password_changed_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WebSession(Base):
+    """A logged-in browser: only the token's SHA-256 is kept, so a database dump logs no one in."""
+
+    __tablename__ = "web_sessions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+
+
+class ApiToken(Base):
+    """A machine's bearer token (a PACS posting STOW-RS, Prometheus scraping); SHA-256 only."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[datetime | None]

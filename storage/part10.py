@@ -112,6 +112,18 @@ def scan(part10: bytes | memoryview, keywords: Iterable[str]) -> dict[str, Any] 
         return None
 
 
+def transfer_syntax(part10: bytes | memoryview) -> str | None:
+    """The Transfer Syntax UID of a Part 10 byte string's file meta, or None if unsure.
+
+    What a receiver that got whole files (STOW-RS) passes where a C-STORE
+    passes its presentation context's transfer syntax.
+    """
+    try:
+        return _file_meta(memoryview(part10))[0]
+    except (_UnsureError, struct.error, UnicodeDecodeError, ValueError):
+        return None
+
+
 def _file_meta(buf: memoryview) -> tuple[str, int]:
     """(Transfer Syntax UID, offset of the data set) of a Part 10 byte string."""
     if bytes(buf[128:132]) != b"DICM":

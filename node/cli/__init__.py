@@ -34,6 +34,8 @@ from node.cli import (
     status_cmd,
     studies_cmd,
     train_cmd,
+    users_cmd,
+    web_cmd,
     worker_cmd,
 )
 from node.cli.context import AppContext
@@ -124,6 +126,8 @@ app.add_typer(models_cmd.app, name="models")
 app.command("train")(train_cmd.train)
 app.command("train-demo")(train_cmd.train_demo)
 app.command("evaluate")(evaluate_cmd.evaluate)
+app.add_typer(users_cmd.app, name="users")
+app.command("web")(web_cmd.web)
 
 
 def _version(value: bool) -> None:

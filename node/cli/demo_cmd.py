@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -17,6 +18,9 @@ def demo(
         "with a lesion)")] = None,
     timeout_s: Annotated[float, typer.Option(
         "--timeout", help="seconds to wait for the results", min=10)] = 1800.0,
+    console: Annotated[bool, typer.Option(
+        "--console/--no-console", help="then serve the web console until Ctrl-C "
+        "(default: when the output is a terminal)")] = sys.stdout.isatty(),
 ) -> None:
     """Send a CT study through a local PACS to the node and back; print what happened."""
     from node.demo import print_report, run_demo  # heavy imports only when it runs
@@ -26,3 +30,6 @@ def demo(
     print_report(report, say=typer.echo)
     if report.job_state != "done":
         raise typer.Exit(1)
+    from node.web.demo_console import offer_console
+
+    offer_console(app.config, typer.echo, serve=console, series_uid=report.series_uid)

@@ -45,6 +45,8 @@ def serve(
         f"ainode listening on {app.config.dicom.host}:{service.port} as "
         f"{app.config.dicom.ae_title} ({service.workers} receiver process(es))", err=True,
     )
+    if service.web is not None:
+        typer.echo(f"ainode web console on {service.web.url}", err=True)
     try:
         while not stop.wait(1.0):
             pass

@@ -197,6 +197,33 @@ def _record(db: Database, item: _Item, dest_name: str, *, ok: bool, status: int 
         "sop_instance_uid": item.sop_instance_uid})
 
 
+def _send_dicomweb(db: Database, store_: FileStore, dest: Destination, items: list[_Item],
+                   now: datetime, policy: RetryPolicy, report: SendReport) -> None:
+    """The same Transfer rows and retries, over STOW-RS (node.send.stow)."""
+    from node.send.stow import stow
+
+    loaded: list[tuple[_Item, bytes]] = []
+    for item in items:
+        try:
+            loaded.append((item, store_.result_path(item.path).read_bytes()))
+        except OSError as exc:
+            _record(db, item, dest.name, ok=False, status=None, now=now, policy=policy,
+                    report=report, error=f"cannot read result file: {exc}")
+    if not loaded:
+        return
+    try:
+        outcomes = stow(dest, [(item.sop_instance_uid, data) for item, data in loaded])
+    except TransferError as exc:
+        for item, _ in loaded:
+            _record(db, item, dest.name, ok=False, status=None, now=now, policy=policy,
+                    report=report, error=str(exc))
+        return
+    for item, _ in loaded:
+        o = outcomes[item.sop_instance_uid]
+        _record(db, item, dest.name, ok=o.ok, status=o.status, error=o.error, now=now,
+                policy=policy, report=report)
+
+
 def _send_destination(db: Database, store_: FileStore, dest: Destination, peer: Peer,
                       items: list[_Item], now: datetime, policy: RetryPolicy,
                       report: SendReport) -> None:
@@ -251,6 +278,9 @@ def send_due(db: Database, store: FileStore, config: NodeConfig, *,
                 continue
             s.expunge(dest)
         try:
+            if dest.kind == "dicomweb":
+                _send_dicomweb(db, store, dest, items, now, policy, report)
+                continue
             peer = peer_for(dest, config)
             _send_destination(db, store, dest, peer, items, now, policy, report)
         except Exception:  # one destination's bug must not stop the others

@@ -112,6 +112,10 @@ SLOW: frozenset[str] = frozenset({
     "tests/test_worker.py::test_missing_instances_fail_the_job",
     "tests/test_worker.py::test_sigkill_mid_job_then_restart_completes_exactly_once",
     "tests/test_worker.py::test_time_limit_fails_the_job",
+    "tests/test_web.py::test_login_failures_are_audited_and_throttled_and_forms_need_csrf",
+    "tests/test_web.py::test_users_cli_add_list_reset_token_remove",
+    "tests/test_web_e2e.py::test_orthanc_stows_a_study_in_and_receives_the_results_by_stow",
+    "tests/test_web_e2e.py::test_browser_sees_what_arrived_and_the_result_and_roles_hold",
 })
 
 # Filled by the ``peer_entry`` decorator (tests.support.peers, tests.support.node):
