@@ -150,9 +150,16 @@ RECIPES: dict[str, Recipe] = {
     ),
     "mr-stage1": Recipe(
         "pancreas-mr-stage1", "pancreas-localisation", "stage1_unet",
-        {"channels": [8, 16, 32, 64]}, "MR", "mr_t1", (3.0, 3.0, 3.0), (32, 48, 64),
-        iterations=300, batch=2, max_minutes=4.0, labels=["background", "pancreas"],
-        outputs="softmax over labels; pancreas includes its lesions",
+        {"channels": [16, 32, 64, 128]}, "MR", "mr_t1", (3.0, 3.0, 3.0), (32, 48, 64),
+        # 0.2.0: the CT stage 1 recipe on MR (0.1.0: 300 iterations on 60 first-generator
+        # phantoms): randomised MR contrasts (T1, T2, in/opposed phase, post-contrast)
+        # with bias fields and Rician noise, drawn on the generator's anatomy and the
+        # TotalSegmentator label map (AMOS held out), plus 80 first-generator phantoms;
+        # inputs in LPS, crops reaching into air, a third of the stacks cut short.
+        iterations=4000, batch=2, max_minutes=40.0, labels=["background", "pancreas"],
+        outputs="softmax over labels; pancreas includes its lesions", train_cases=0,
+        randomised_seeds=(0, 300), generator_seeds=(1000, 1080), reorient=True,
+        air_margin=1.0, truncate=0.35, version="0.2.0-demo",
     ),
     "mr-stage2": Recipe(
         "pancreas-mr-stage2", "lesion-detection", "multitask_fpn3d",
