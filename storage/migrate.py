@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from alembic import command
+from alembic.util import CommandError
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -16,7 +17,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from storage.db import Database
 from storage.errors import StorageError
 
-__all__ = ["alembic_config", "current_revision", "db_reason", "ensure_schema", "head_revision",
+__all__ = ["alembic_config", "current_revision", "db_reason", "downgrade", "ensure_schema",
+           "head_revision",
            "upgrade", "wait_until_reachable"]
 
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -39,6 +41,17 @@ def upgrade(db: Database, revision: str = "head") -> str:
     except SQLAlchemyError as exc:
         raise StorageError(f"migration failed on {db.safe_url}: {db_reason(exc)}") from exc
     return current_revision(db) or ""
+
+
+def downgrade(db: Database, revision: str) -> str | None:
+    """Take the schema back to ``revision`` (a rollback to an older release)."""
+    try:
+        command.downgrade(alembic_config(db), revision)
+    except SQLAlchemyError as exc:
+        raise StorageError(f"downgrade failed on {db.safe_url}: {db_reason(exc)}") from exc
+    except CommandError as exc:
+        raise StorageError(f"cannot downgrade to {revision!r}: {exc}") from exc
+    return current_revision(db)
 
 
 def current_revision(db: Database) -> str | None:

@@ -67,7 +67,7 @@ def test_pancreas_rows_are_those_the_worker_wrote_before() -> None:
     )
     patient, lesion = finding_rows(3, report.to_result())
     assert (patient.kind, patient.label, patient.probability) == \
-        ("patient", "PDAC probability", 0.93)
+        ("patient", "Patient-level PDAC probability", 0.93)
     assert patient.details["pancreas_found"] is True
     assert patient.details["classification"] == {"PDAC": 0.8}
     assert patient.details["summary"] == report.summary()

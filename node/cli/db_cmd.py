@@ -26,3 +26,13 @@ def current(ctx: typer.Context) -> None:
     head = migrate.head_revision()
     state = "up to date" if rev == head else f"behind (newest is {head}); run: ainode db upgrade"
     typer.echo(f"{rev or '(empty database)'}: {state}")
+
+
+@app.command("downgrade")
+def downgrade(ctx: typer.Context, revision: str = typer.Argument(
+        ..., help="the revision to go back to (see `ainode db current` of the older release)")
+) -> None:
+    """Roll the schema back to REVISION, for going back to an older ainode (backup first)."""
+    db = get(ctx).raw_db
+    rev = migrate.downgrade(db, revision)
+    typer.echo(f"database {db.safe_url} at revision {rev or '(empty)'}")
