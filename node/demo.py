@@ -261,6 +261,8 @@ def run_demo(config: NodeConfig, *, series_dir: Path | None = None, say: Say = p
     work = config.storage.data_dir.resolve() / "demo"
     work.mkdir(parents=True, exist_ok=True)
     config = demo_config(config, work)
+    for stale in ("pacs", "received"):  # the stand-in PACS starts empty too: its study
+        shutil.rmtree(work / stale, ignore_errors=True)  # then holds this run's results only
     started = utcnow()
     if series_dir is None:
         stamp = time.strftime("%Y%m%dT%H%M%S")

@@ -89,6 +89,12 @@ def ensure_schema(db: Database) -> str | None:
         return None
     if rev is None:
         return upgrade(db)
+    try:
+        ScriptDirectory(str(MIGRATIONS)).get_revision(rev)
+    except CommandError:
+        raise StorageError(f"database {db.safe_url} is at schema revision {rev}, which this "
+                           f"ainode does not know (it knows up to {head}): a newer release "
+                           "migrated it; run the same release on every host") from None
     raise StorageError(f"database {db.safe_url} is at schema revision {rev}, this ainode needs "
                        f"{head}: run `ainode db upgrade`")
 

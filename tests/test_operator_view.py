@@ -472,3 +472,20 @@ def test_config_show_masks(tmp_path: Path) -> None:
     cfg = NodeConfig(storage={"database_url": "postgresql://ainode:s3cret@db/ainode"})
     dump = mask_tree(cfg.model_dump(mode="json"))
     assert "s3cret" not in str(dump)
+
+
+def test_status_lists_the_last_errors_newest_first(sqlite_db: Database) -> None:
+    from node.cli.status_cmd import last_errors
+    from storage.audit import audit
+
+    with sqlite_db.session() as s:
+        audit(s, "transfer.retry", outcome="failure", actor="sender", job_id=3,
+              error="pacs: connection refused")
+        audit(s, "job.failed", outcome="failure", actor="worker", job_id=4,
+              error="InputError: series has 2 slices")
+        audit(s, "job.created", actor="scheduler", job_id=5)
+    with sqlite_db.session() as s:
+        lines = last_errors(s)
+    assert len(lines) == 2
+    assert lines[0].endswith("job.failed job 4: InputError: series has 2 slices")
+    assert lines[1].endswith("transfer.retry job 3: pacs: connection refused")

@@ -2,7 +2,8 @@
 
 Why tables fit the terminal: a 200-column table wraps into an unreadable
 mess on an 80- or 100-column console. Long UIDs are shortened in the middle
-(their ends tell series apart) and the caption says so; ``--wide`` prints
+(their ends tell series apart) and the caption says so. Piped into another
+program (no terminal, no ``COLUMNS``) a table is as wide as it takes. ``--wide`` prints
 every column and every UID in full, one line per row, to copy into
 ``ainode render`` or ``reprocess``. ``--json`` is never shortened.
 """
@@ -10,6 +11,7 @@ every column and every UID in full, one line per row, to copy into
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Sequence
 from datetime import datetime
@@ -80,9 +82,13 @@ def emit(rows: Sequence[dict[str, Any]], columns: Sequence[str], *, as_json: boo
         shortened = short != cells
         cells = short
     console = Console()
-    if wide:
+    # No terminal to fit (a pipe, a file) and no COLUMNS asked for: one line per row,
+    # as wide as it takes, so `ainode ... | grep` finds whole values.
+    unfitted = not console.is_terminal and "COLUMNS" not in os.environ
+    if wide or unfitted:
         need = sum(max([len(c), *(len(row[i]) for row in cells)]) + 3 for i, c in enumerate(cols))
         console = Console(width=max(console.width, need + 1))
+        wide = True
     caption = "UIDs shortened; --wide shows them in full" if shortened else None
     table = Table(title=title, caption=caption)
     for col in cols:  # values fold within their columns, so the table keeps to the width

@@ -79,8 +79,8 @@ def _row(rule: RoutingRule, *, for_table: bool) -> dict[str, Any]:
 
 
 def _emit_rule(rule: RoutingRule, as_json: bool) -> None:
-    emit([_row(rule, for_table=not as_json)], (*COLUMNS, "created_by", "created_at"),
-         as_json=as_json)
+    emit([_row(rule, for_table=not as_json)], COLUMNS, as_json=as_json,
+         wide_columns=(*COLUMNS, "created_by", "created_at"))
 
 
 @app.command("add")

@@ -66,7 +66,7 @@ def _text(value: str, name: object = None) -> TextContentItem:
 
 def _people(value: float, unit: object) -> float:
     """Unitless scores (probabilities, confidences) as people read them: 0.59."""
-    return people_probability(value) or 0.0 if unit is NO_UNITS else value
+    return (people_probability(value) or 0.0) if unit == NO_UNITS else value
 
 
 def _measurements(f: ScoredFinding, alg: AlgorithmIdentification,
