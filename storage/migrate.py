@@ -8,10 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from alembic import command
-from alembic.util import CommandError
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy.exc import SQLAlchemyError
 
 from storage.db import Database
