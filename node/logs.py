@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,10 @@ def configure(level: str = "INFO", fmt: str = "keyvalue", file: Path | None = No
     for name in _CHATTY:
         logging.getLogger(name).setLevel(root.level if verbose else max(logging.WARNING,
                                                                         root.level))
+    if not verbose:
+        # highdicom warns about the source header (a one-component PatientName...), and
+        # quotes the value: that is PHI in a log, and nothing the admin can act on per job.
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"highdicom(\..*)?$")
     # pydicom's decoder plug-ins log their own traceback at ERROR for every plug-in that
     # fails; the node reports the failure itself, in one line (pipelines.dicom_out).
     logging.getLogger("pydicom.pixels.decoders").setLevel(

@@ -489,3 +489,24 @@ def test_status_lists_the_last_errors_newest_first(sqlite_db: Database) -> None:
     assert len(lines) == 2
     assert lines[0].endswith("job.failed job 4: InputError: series has 2 slices")
     assert lines[1].endswith("transfer.retry job 3: pacs: connection refused")
+
+
+def test_highdicom_warnings_quoting_header_values_stay_out_of_the_log() -> None:
+    import warnings
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        logs.configure("INFO")
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.warn_explicit('The string "DOE" is unlikely to represent the intended '
+                                   "person name", UserWarning, "base.py", 1,
+                                   module="highdicom.base")
+            warnings.warn_explicit("elsewhere", UserWarning, "x.py", 1, module="node.x")
+        assert [str(w.message) for w in seen] == ["elsewhere"]
+    finally:
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        for h in handlers:
+            root.addHandler(h)
+        root.setLevel(level)
