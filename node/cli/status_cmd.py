@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from node.cli.context import get
 from node.cli.output import emit
 from node.heartbeat import NodeState, node_state
+from node.secrets import mask_text
 from storage.errors import NodeError
 from storage.models import (
     AuditEvent,
@@ -45,7 +46,10 @@ def status(
     ctx: typer.Context,
     as_json: Annotated[bool, typer.Option("--json", help="JSON instead of a table")] = False,
 ) -> None:
-    """Queue depth, done and not-assessable jobs, last received and sent, free disk, models.
+    """Whether the node is up, the last errors, queue, traffic, free disk, models.
+
+    Up means the scheduler's heartbeat is fresh and the receivers' port answers
+    (node.heartbeat); stopped and silent nodes are told apart.
 
     Also the last 24 h: done jobs, those of them not assessable, series skipped
     at routing as no image series, and turnaround.
@@ -141,8 +145,8 @@ def last_errors(session: Session, limit: int = 5) -> list[str]:
         d = ev.details or {}
         why = d.get("error") or d.get("reason") or ""
         what = f" job {ev.job_id}" if ev.job_id else ""
-        out.append(f"{ev.ts.isoformat(timespec='seconds')} {ev.event}{what}"
-                   + (f": {str(why)[:160]}" if why else ""))
+        out.append(mask_text(f"{ev.ts.isoformat(timespec='seconds')} {ev.event}{what}"
+                             + (f": {str(why)[:160]}" if why else "")))
     return out
 
 
