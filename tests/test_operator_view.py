@@ -510,3 +510,32 @@ def test_highdicom_warnings_quoting_header_values_stay_out_of_the_log() -> None:
         for h in handlers:
             root.addHandler(h)
         root.setLevel(level)
+
+
+def test_jobs_show_names_and_rounds_each_score_as_the_sr_does(
+        sqlite_db: Database, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from node.cli import app
+    from node.findings import finding_rows
+    from pipelines.pancreas.output import Lesion, PancreasReport
+    from storage.models import Study
+
+    mask = np.zeros((2, 4, 4), bool)
+    mask[0, 1, 1] = True
+    report = PancreasReport("pancreas-ct", AlgorithmInfo("ainode pancreas-ct", "1"), ["1", "2"],
+                            0.5934985801577568, True, mask, None,
+                            [Lesion(1, mask, 0.99971, 33.0, 1.2, (1.0, 2.0, 3.0), "neck")])
+    with sqlite_db.session() as s:
+        st = Study(study_instance_uid="1.2.3")
+        ser = Series(series_instance_uid="1.2.3.4", study=st)
+        job = Job(series=ser, pipeline="pancreas-ct", state=JobState.DONE)
+        s.add_all([st, ser, job])
+        s.flush()
+        s.add_all(finding_rows(job.id, report.to_result()))
+    monkeypatch.setenv("AINODE_STORAGE__DATA_DIR", str(data_dir))
+    monkeypatch.setenv("COLUMNS", "160")
+    out = CliRunner().invoke(app, ["jobs", "show", "1"]).output
+    assert "Patient-level PDAC probability" in out and "0.59" in out
+    assert "Lesion confidence" in out and "1.0" in out
+    assert "0.5934985801577568" not in out and "0.99971" not in out

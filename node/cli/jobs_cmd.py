@@ -120,7 +120,7 @@ def show(ctx: typer.Context, job_id: int, as_json: JsonOpt = False) -> None:
         row["send"] = _send_states(s, [job.id])[job.id]
         row["provenance"] = job.provenance
         row["findings"] = [
-            {"kind": f.kind, "label": f.label,
+            {"kind": f.kind, "label": f.label, "score": (f.details or {}).get("score_name"),
              # Rounded for people as the SR and the legend say it; --json keeps it all.
              "probability": f.probability if as_json else people_probability(f.probability),
              "location": f.location, "diameter_mm": f.diameter_mm, "volume_ml": f.volume_ml}
@@ -139,7 +139,7 @@ def show(ctx: typer.Context, job_id: int, as_json: JsonOpt = False) -> None:
     emit([{"field": k, "value": v} for k, v in row.items()
           if k not in ("findings", "outputs", "provenance")], ("field", "value"), as_json=False,
          title=f"job {job_id}")
-    emit(row["findings"], ("kind", "label", "probability", "location", "diameter_mm",
+    emit(row["findings"], ("kind", "label", "score", "probability", "location", "diameter_mm",
                            "volume_ml"), as_json=False, title="findings")
     emit([{**o, "transfers": ", ".join(f"{t['destination']}: {t['state']}"
                                        for t in o["transfers"]) or "-"}
