@@ -50,6 +50,7 @@ SLOW: frozenset[str] = frozenset({
     "tests/test_operator_cli.py::test_unreachable_postgresql_is_one_line_exit_1",
     "tests/test_operator_cli.py::test_help_shows_json_and_wide_as_flags",
     "tests/test_operator_view.py::test_every_object_says_research_use_and_the_sr_names_each_score_once",
+    "tests/test_operator_view.py::test_jobs_show_names_and_rounds_each_score_as_the_sr_does",
     "tests/test_cli.py::test_help_lists_the_commands",
     "tests/test_cli.py::test_usage_errors_exit_2",
     "tests/test_config.py::test_cli_rejects_bad_config_with_exit_code_2",
