@@ -34,6 +34,7 @@ from pydantic_settings import (
 
 from pipelines.dicom_out import registry as writers
 from storage.errors import ConfigError
+from storage.suggest import did_you_mean
 
 __all__ = [
     "CallerConfig",
@@ -49,6 +50,7 @@ __all__ = [
     "WebConfig",
     "default_accepts",
     "load_config",
+    "yaml_problem",
 ]
 
 # DICOM PS3.5 AE titles: up to 16 characters of the default repertoire, no
@@ -160,6 +162,11 @@ class StorageConfig(_Section):
     results_dir: Path | None = Field(default=None, description="default: <data_dir>/results")
     min_free_mb: Annotated[int, Field(ge=0)] = 1024
     retention_days: Annotated[float, Field(gt=0)] = 30.0
+    database_wait_s: Annotated[float, Field(ge=0, le=3600)] = Field(
+        default=60.0,
+        description="ainode serve/worker: how long to retry an unreachable database at "
+        "start-up (backoff 1, 2, 4 ... 15 s) before giving up with exit code 1",
+    )
 
     @property
     def effective_database_url(self) -> str:
@@ -178,6 +185,11 @@ class StorageConfig(_Section):
 
 class SeriesConfig(_Section):
     stable_age_s: Annotated[float, Field(gt=0, le=86400)] = 10.0
+    rerun_on_growth: bool = Field(
+        default=True,
+        description="a routed series that receives more instances is analysed again "
+        "(a new job superseding the old result)",
+    )
 
 
 class InferenceConfig(_Section):
@@ -298,15 +310,43 @@ class NodeConfig(BaseSettings):
         return (env_settings, init_settings)
 
 
+def _known_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys the section holding ``loc``'s last part accepts (for "did you mean")."""
+    model: Any = NodeConfig
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        fields = getattr(model, "model_fields", {})
+        if part not in fields:
+            return []
+        ann = fields[part].annotation
+        args = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type)]
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else next(
+            (a for a in args if issubclass(a, BaseModel)), None)
+        if model is None:
+            return []
+    return list(getattr(model, "model_fields", {}))
+
+
 def _format_errors(exc: ValidationError, origin: str) -> str:
     lines = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown key"
+            hint = did_you_mean(str(err["loc"][-1]), _known_keys(tuple(err["loc"])))
+            msg = "unknown key" + (f"; did you mean {hint}?" if hint else "")
         lines.append(f"  {key}: {msg}")
     return f"invalid configuration ({origin}):\n" + "\n".join(lines)
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """``line 3, column 12: mapping values are not allowed here`` (1-based, as editors count)."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    if mark is None:
+        return str(problem)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
 
 
 def load_config(path: Path | str | None = None) -> NodeConfig:
@@ -321,7 +361,8 @@ def load_config(path: Path | str | None = None) -> NodeConfig:
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+            raise ConfigError(f"config file {path} is not valid YAML: {yaml_problem(exc)}") \
+                from exc
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

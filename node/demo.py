@@ -18,10 +18,12 @@ demo says so.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,8 @@ from sqlalchemy import select
 
 from node.config import DestinationConfig, NodeConfig
 from node.pacs import Orthanc, find_tool, orthanc, wait_for
+from pipelines.pancreas.output import LESION_CONFIDENCE_NAME
+from pipelines.results import probability_text
 from storage.audit import os_actor
 from storage.errors import InputError, NodeError
 from storage.models import (
@@ -43,6 +47,7 @@ from storage.models import (
     Series,
     Transfer,
     TransferState,
+    utcnow,
 )
 
 __all__ = ["DEMO_DESTINATION", "DEMO_RULE", "DemoReport", "run_demo"]
@@ -68,6 +73,7 @@ class DemoReport:
     pngs: list[Path] = field(default_factory=list)
     pacs_series: list[str] = field(default_factory=list)  # modalities of the study in PACS
     pacs: str = "orthanc"
+    node_dir: Path | None = None  # the demo's own data directory
 
 
 # -- input -------------------------------------------------------------------------------
@@ -75,15 +81,20 @@ class DemoReport:
 
 def demo_series(folder: Path, say: Say) -> list[Path]:
     """Write the default demo input: a phantom CT with a pancreatic lesion."""
+    from pipelines.pancreas.measures import long_axis_diameter_mm
     from pipelines.phantom.generator import PhantomSpec, generate
     from pipelines.phantom.io import write_dicom_series
 
     spec = PhantomSpec(seed=DEMO_SEED, contrast="ct", diagnosis="PDAC", lesion_diameter_mm=24.0)
     phantom = generate(spec)
     paths = write_dicom_series(phantom, folder, seed=DEMO_SEED)
-    say(f"input     synthetic phantom CT, {len(paths)} slices, PDAC-like lesion of "
-        f"{phantom.lesion_diameter_mm:.0f} mm in the pancreatic {phantom.lesion_location} "
-        f"(seed {DEMO_SEED})")
+    # The ground truth measured as the node measures a finding (3D long axis over voxel
+    # edges, pipelines.pancreas.measures), so the two numbers can be compared; the
+    # generator's 24 mm is the size it was asked for, before deformation and lobulation.
+    truth_mm = long_axis_diameter_mm(phantom.label == 2, phantom.spacing)
+    say(f"input     synthetic phantom CT, {len(paths)} slices, PDAC-like lesion in the "
+        f"pancreatic {phantom.lesion_location}: ground-truth long axis {truth_mm:.0f} mm "
+        f"(measured as the node measures; seed {DEMO_SEED})")
     return paths
 
 
@@ -112,6 +123,23 @@ def read_series_folder(folder: Path) -> tuple[list[Path], str, str]:
 
 
 # -- set-up in the database -----------------------------------------------------------
+
+
+def demo_config(config: NodeConfig, work: Path) -> NodeConfig:
+    """The node's config with a data directory of the demo's own, emptied for each run.
+
+    Why: the demo adds a rule (``Modality=CT`` to a PACS on a port that dies with
+    the demo) and a destination; in the node's own database a later ``ainode
+    serve`` would route every CT there. In ``<data_dir>/demo/node`` (SQLite) they
+    never leave the demo, and an empty one per run makes each run's job its own.
+    """
+    node_dir = work / "node"
+    if node_dir.exists():
+        shutil.rmtree(node_dir)
+    node_dir.mkdir(parents=True)
+    storage = config.storage.model_copy(update={
+        "data_dir": node_dir, "database_url": None, "spool_dir": None, "results_dir": None})
+    return config.model_copy(update={"storage": storage, "destinations": []})
 
 
 def ensure_destination(service: Any, name: str, ae_title: str, port: int) -> None:
@@ -154,14 +182,19 @@ def ensure_rule(service: Any, name: str, destination: str) -> None:
 # -- waiting -------------------------------------------------------------------------------
 
 
-def _job_settled(service: Any, series_uid: str) -> tuple[Job, list[Transfer]] | None:
+def _job_settled(service: Any, series_uid: str, *,
+                 since: datetime | None = None) -> tuple[Job, list[Transfer]] | None:
+    """This run's job once it and its transfers are settled (a job made before
+    ``since`` is an earlier run's, never reported as this one's)."""
     with service.db.session() as s:
         series = s.scalars(select(Series).where(Series.series_instance_uid == series_uid)
                            ).one_or_none()
         if series is None:
             return None
-        job = s.scalars(select(Job).where(Job.series_id == series.id)
-                        .order_by(Job.id.desc())).first()
+        q = select(Job).where(Job.series_id == series.id)
+        if since is not None:
+            q = q.where(Job.created_at >= since)
+        job = s.scalars(q.order_by(Job.id.desc())).first()
         if job is None or job.state in (JobState.QUEUED, JobState.RUNNING):
             return None
         transfers = list(s.scalars(select(Transfer).join(Output).where(Output.job_id == job.id)))
@@ -227,6 +260,10 @@ def run_demo(config: NodeConfig, *, series_dir: Path | None = None, say: Say = p
 
     work = config.storage.data_dir.resolve() / "demo"
     work.mkdir(parents=True, exist_ok=True)
+    config = demo_config(config, work)
+    for stale in ("pacs", "received"):  # the stand-in PACS starts empty too: its study
+        shutil.rmtree(work / stale, ignore_errors=True)  # then holds this run's results only
+    started = utcnow()
     if series_dir is None:
         stamp = time.strftime("%Y%m%dT%H%M%S")
         files = demo_series(work / "input" / stamp, say)
@@ -264,13 +301,14 @@ def run_demo(config: NodeConfig, *, series_dir: Path | None = None, say: Say = p
                 if stage != last:
                     say(f"  ... {time.monotonic() - t0:5.1f}s  {stage}")
                     last = stage
-                return _job_settled(service, series_uid)
+                return _job_settled(service, series_uid, since=started)
 
             outcome = wait_for(settled, timeout=timeout_s, interval=0.5,
                                what="the job and its transfers")
             assert outcome is not None  # wait_for returns only a truthy value
             job, transfers = outcome
             report = _report(service, job, transfers, study_uid, series_uid)
+            report.node_dir = config.storage.data_dir
             if pacs is not None:
                 report.pacs_series = _pacs_modalities(pacs, study_uid)
             else:
@@ -318,11 +356,11 @@ def print_report(report: DemoReport, say: Say = print) -> None:
     say(f"job {report.job_id}: {report.job_state}")
     for f in report.findings:
         if f["kind"] == "patient":
-            say(f"  patient   {f['label']}: {f['probability']:.2f}")
+            say(f"  patient   {f['label']}: {probability_text(f['probability'])}")
         elif f["kind"] == "lesion":
             say(f"  lesion    {f['label']} in pancreatic {f['location'] or '?'}: "
-                f"{f['diameter_mm']:.0f} mm, {f['volume_ml']:.1f} ml, "
-                f"confidence {f['probability']:.2f}")
+                f"long axis {f['diameter_mm']:.0f} mm, {f['volume_ml']:.1f} ml, "
+                f"{LESION_CONFIDENCE_NAME.lower()} {probability_text(f['probability'])}")
         else:
             say(f"  {f['kind']:9} {f['label']}")
     if report.turnaround_s is not None:
@@ -335,5 +373,6 @@ def print_report(report: DemoReport, say: Say = print) -> None:
             f"{', '.join(report.pacs_series)}")
     if report.pngs:
         say(f"rendered  {len(report.pngs)} PNG(s) in {report.pngs[0].parent}")
+    say(f"demo node data in {report.node_dir} (removed and made afresh by the next demo run)")
     say("NOT FOR CLINICAL USE: demo weights trained on synthesised images (model cards: "
         "pipelines/weights/*/MODEL_CARD.md).")

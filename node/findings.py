@@ -48,6 +48,9 @@ def _row(job_id: int, result: AnalysisResult, f: ScoredFinding) -> Finding:
             details.update(status=result.status, reason=result.reason)
     if f.legend:
         details.setdefault("legend", f.legend_text())
+    # What the probability is, in the words the SR uses for it (its concept's meaning),
+    # so `ainode jobs show` names the score as the report does.
+    details.setdefault("score_name", f.concept.meaning)
     return Finding(
         job_id=job_id, kind=f.kind, label=f.label[:_LABEL], probability=float(f.probability),
         location=None if f.location is None else f.location[:_LOCATION],

@@ -232,7 +232,7 @@ def _route_one(session: Session, services: Services, series: Series,
             priority=spec.priority,
             shadow=spec.shadow,
         )
-        job, new = job_store.ensure_job(session, series, req)
+        job, new = _job_for_version(session, services, series, req)
         (created if new else existing).append(job.id)
     if series.completed_at is None:
         series.completed_at = now
@@ -243,6 +243,50 @@ def _route_one(session: Session, services: Services, series: Series,
                                      "jobs_created": created, "jobs_existing": existing})
     return RoutingOutcome(series.series_instance_uid, tuple(evaluations), tuple(created),
                           tuple(existing))
+
+
+def _job_for_version(session: Session, services: Services, series: Series,
+                     req: job_store.JobRequest) -> tuple[Job, bool]:
+    """The job for this version of the series: a series that grew after its job ran
+    gets a new job superseding that one (``series.rerun_on_growth``).
+
+    Why: instances arriving after routing (two late slices) reopen the series;
+    a result made from 28 of 30 images must not stand as if it were the
+    series' result. A job still queued has not read the series yet, so it
+    simply covers the new version. Audited either way: ``job.superseded``, or
+    ``series.grown_not_rerun`` when the switch is off.
+    """
+    latest = session.scalars(
+        select(Job).where(Job.series_id == series.id, Job.rule_key == req.rule_key,
+                          Job.pipeline == req.pipeline, Job.model_version == req.model_version)
+        .order_by(Job.generation.desc()).limit(1)).first()
+    count = series.instance_count
+    grown = (latest is not None and latest.series_instance_count is not None
+             and count > latest.series_instance_count)
+    if latest is None or not grown:
+        return job_store.ensure_job(session, series, req)
+    assert latest is not None and latest.series_instance_count is not None
+    ids = {"study_uid": series.study.study_instance_uid,
+           "series_uid": series.series_instance_uid}
+    if latest.state == JobState.QUEUED:
+        latest.series_instance_count = count
+        return latest, False
+    if not services.config.series.rerun_on_growth:
+        audit(session, "series.grown_not_rerun", actor="scheduler", job_id=latest.id,
+              instances_before=latest.series_instance_count, instances_now=count, **ids)
+        log.warning("series grew after its job; not re-run (series.rerun_on_growth is off)",
+                    extra={"series_uid": series.series_instance_uid, "job_id": latest.id})
+        return latest, False
+    job, _ = job_store.ensure_job(session, series, req, new_generation=True)
+    job.series_instance_count = count
+    job.supersedes_job_id = latest.id
+    audit(session, "job.superseded", actor="scheduler", job_id=latest.id,
+          superseded_by=job.id, instances_before=latest.series_instance_count,
+          instances_now=count, **ids)
+    log.info("series grew after routing: new job supersedes the old result", extra={
+        "series_uid": series.series_instance_uid, "job_id": job.id,
+        "supersedes_job_id": latest.id})
+    return job, True
 
 
 def not_an_image_series(session: Session, series: Series,

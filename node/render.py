@@ -59,6 +59,7 @@ def render_series(db: Database, store: FileStore, series_uid: str, out: Path, *,
                   all_slices: bool = False) -> list[Path]:
     """Write the PNGs; returns their paths. InputError for an unknown or empty series."""
     from pipelines.dicom_out.render import Layer, masks_from_seg, render_pngs
+    from pipelines.dicom_out.sc import NOT_FOR_DIAGNOSIS
 
     with db.session() as s:
         series = s.scalars(select(Series).where(Series.series_instance_uid == series_uid)
@@ -91,4 +92,5 @@ def render_series(db: Database, store: FileStore, series_uid: str, out: Path, *,
     else:
         legend = ["no segmentation written for this series"]
         all_slices = True
+    legend = [NOT_FOR_DIAGNOSIS, *legend]  # as on the Secondary Capture
     return list(render_pngs(sources, layers, legend, out, all_slices=all_slices))

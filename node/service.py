@@ -17,20 +17,24 @@ processes on GPU machines sharing the database run the jobs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from datetime import UTC
 from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy.exc import SQLAlchemyError
 
+from node import heartbeat
 from node.config import NodeConfig
 from node.network.pool import ReceiverPool, default_workers
 from storage import migrate
 from storage.db import Database
-from storage.errors import ConfigError
+from storage.errors import ConfigError, NodeError
 from storage.filestore import FileStore
 from storage.ingest import verify_recent
+from storage.migrate import db_reason
 
 __all__ = ["NodeService", "default_workers"]
 
@@ -82,6 +86,7 @@ class NodeService:
         if removed:
             log.warning("removed partial files left by an earlier crash",
                         extra={"count": len(removed)})
+        migrate.wait_until_reachable(self.db, self.config.storage.database_wait_s)
         migrate.upgrade(self.db)
         verify_recent(self.db, self.store)
         try:
@@ -96,11 +101,24 @@ class NodeService:
                 replace_existing=True,
             )
         self._start_orchestration()
+        self._beat()
+        self.scheduler.add_job(self._beat, "interval", seconds=heartbeat.INTERVAL_S,
+                               id="ainode.heartbeat", max_instances=1, coalesce=True,
+                               replace_existing=True)
         self.scheduler.start()
         if self.config.web.enabled:
             self._start_web()
         log.info("node started", extra={"port": self.port, "workers": self.workers,
                                         "run_jobs": self.run_jobs})
+
+    def _beat(self) -> None:
+        try:
+            heartbeat.beat(self.db, port=self.port, receivers=self.workers,
+                           ae_title=self.config.dicom.ae_title, run_jobs=self.run_jobs)
+        except NodeError as exc:  # the database away for a moment: the next beat says so
+            log.warning("heartbeat not recorded", extra={"error": str(exc)})
+        except SQLAlchemyError as exc:
+            log.warning("heartbeat not recorded", extra={"error": db_reason(exc)})
 
     def _start_orchestration(self) -> None:
         """Destinations from the config, the periodic tasks, and the local job worker."""
@@ -171,6 +189,9 @@ class NodeService:
         if self._jobs_thread is not None:
             self._jobs_thread.join(timeout=grace_s)
             self._jobs_thread = None
+        # Stopping anyway: if this fails, status reports the beat as stale instead.
+        with contextlib.suppress(NodeError, SQLAlchemyError):
+            heartbeat.stopped(self.db)
         self.db.dispose()
         log.info("node stopped")
 

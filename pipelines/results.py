@@ -46,6 +46,8 @@ __all__ = [
     "MILLIMETER",
     "NO_UNITS",
     "PROBABILITY",
+    "PROBABILITY_DECIMALS",
+    "RESEARCH_DISCLAIMER",
     "VOLUME",
     "AlgorithmInfo",
     "AnalysisResult",
@@ -54,6 +56,8 @@ __all__ = [
     "ResultStatus",
     "ScoredFinding",
     "Segment",
+    "people_probability",
+    "probability_text",
 ]
 
 ResultStatus = Literal["assessed", "not_assessable"]
@@ -86,6 +90,23 @@ MILLIMETER = Code("UCUM", "mm", "mm")
 MILLILITER = Code("UCUM", "ml", "milliliter")
 HOUNSFIELD_UNIT = Code("UCUM", "[hnsf'U]", "Hounsfield unit")
 NO_UNITS = Code("UCUM", "1", "no units")
+
+# A probability as people read it: two decimals, in the SR, the legends, the Finding
+# table of `ainode jobs show` and the demo alike (the database and --json keep all).
+PROBABILITY_DECIMALS = 2
+
+# What every object the node writes says in a field a viewer shows.
+RESEARCH_DISCLAIMER = "Research use only; not for diagnosis"
+
+
+def people_probability(value: float | None) -> float | None:
+    """``0.5934985801577568`` -> ``0.59``: the one rounding every reader-facing value gets."""
+    return None if value is None else round(float(value), PROBABILITY_DECIMALS)
+
+
+def probability_text(value: float | None) -> str:
+    """``0.59``, or ``n/a``."""
+    return "n/a" if value is None else f"{float(value):.{PROBABILITY_DECIMALS}f}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +210,9 @@ class AnalysisResult:
     summary_text: str = ""
     source_frame_numbers: list[int] | None = None  # multi-frame sources only
     provenance: dict[str, Any] = field(default_factory=dict)
+    # Sentences about this result as a whole that the SR states as text items, e.g.
+    # which earlier result of the same series it supersedes (set by the node).
+    notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.status not in ("assessed", "not_assessable"):

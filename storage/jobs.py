@@ -131,6 +131,7 @@ def ensure_job(session: Session, series: Series, req: JobRequest, *, actor: str 
         max_attempts=req.max_attempts,
         state=JobState.QUEUED,
         created_at=utcnow(),
+        series_instance_count=series.instance_count,  # the series version it is for
     )
     try:
         with session.begin_nested():

@@ -45,6 +45,7 @@ __all__ = [
     "Job",
     "JobOutcome",
     "JobState",
+    "NodeHeartbeat",
     "Output",
     "RoutingRule",
     "Series",
@@ -300,6 +301,13 @@ class Job(Base):
     # Turnaround: last instance received -> results accepted by every destination.
     delivered_at: Mapped[datetime | None]
     turnaround_s: Mapped[float | None] = mapped_column(Float)
+    # The version of the series this job was made for: its instance count when routed.
+    # A series that grows after routing gets a new job (node.orchestration) that
+    # names the one it supersedes; both None on rows older than revision 0003_i21.
+    series_instance_count: Mapped[int | None] = mapped_column(Integer)
+    # No foreign key on purpose: adding one makes SQLite copy and drop the jobs table,
+    # and the drop would cascade to findings and outputs. The id is informative.
+    supersedes_job_id: Mapped[int | None] = mapped_column(Integer)
 
     series: Mapped[Series] = relationship(back_populates="jobs")
     findings: Mapped[list[Finding]] = relationship(back_populates="job")
@@ -441,3 +449,24 @@ class ApiToken(Base):
     name: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_used_at: Mapped[datetime | None]
+class NodeHeartbeat(Base):
+    """A node component's last sign of life, for ``ainode status``: is the node up?
+
+    One row per (component, host, pid): the scheduler of each ``ainode serve``
+    beats every few seconds and says which port its receivers listen on. Worker
+    heartbeats are their own table (the worker's lease and slots); this one is the
+    node process itself.
+    """
+
+    __tablename__ = "node_heartbeats"
+    __table_args__ = (UniqueConstraint("component", "host", "pid",
+                                       name="uq_node_heartbeats_component_host_pid"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    component: Mapped[str] = mapped_column(String(32))  # "scheduler"
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    stopped_at: Mapped[datetime | None]
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)  # port, receiver processes

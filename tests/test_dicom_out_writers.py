@@ -189,7 +189,7 @@ def test_sr_tid1500_reads_back(written: tuple[PancreasReport, list[WrittenObject
     assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
     items = _content_items(sr)
     texts = [i.TextValue for i in items if i.ValueType == "TEXT"]
-    assert "Suspicious lesion in pancreatic head, 23 mm, probability 0.92" in texts
+    assert "Suspicious lesion 1 in pancreatic head, 23 mm, lesion confidence 0.92" in texts
     assert result.summary() in texts
     report = sr.content
     assert isinstance(report, hd.sr.MeasurementReport)
@@ -206,7 +206,7 @@ def test_sr_tid1500_reads_back(written: tuple[PancreasReport, list[WrittenObject
         values = {m.name.meaning: m.value for m in group.get_measurements()}
         assert values["Long axis"] == pytest.approx(les.diameter_mm)
         assert values["Volume"] == pytest.approx(les.volume_ml)
-        assert values["Probability"] == pytest.approx(les.confidence)
+        assert values["Lesion confidence"] == round(les.confidence, 2)  # as people read it
         assert values["Mean Attenuation Coefficient"] == pytest.approx(les.mean_hu)
         sites = [s.value.value for s in group.finding_sites]
         assert sites == [{"head": "64163001", "tail": "73239005"}[les.location or ""]]
@@ -214,7 +214,7 @@ def test_sr_tid1500_reads_back(written: tuple[PancreasReport, list[WrittenObject
     (patient,) = report.get_image_measurement_groups()
     assert patient.tracking_identifier == "patient-level"
     pdac = [i for i in items if i.ValueType == "NUM"
-            and i.ConceptNameCodeSequence[0].CodeValue == "111047"]
+            and i.ConceptNameCodeSequence[0].CodeValue == "PT-PDAC"]
     assert len(pdac) == 1
     assert float(pdac[0].MeasuredValueSequence[0].NumericValue) == pytest.approx(0.93)
     # Algorithm identification (TID 4019: 111001 name, 111003 version) on every measurement.
@@ -225,7 +225,7 @@ def test_sr_tid1500_reads_back(written: tuple[PancreasReport, list[WrittenObject
                for c in num.ContentSequence}
         assert alg["111001"] == "ainode pancreas-ct" and alg["111003"] == "0.1.0-test"
     at_patient = {m.name.value: m.value for m in patient.get_measurements()}
-    assert at_patient["111047"] == pytest.approx(0.93)
+    assert at_patient["PT-PDAC"] == pytest.approx(0.93)
     assert {k: at_patient[f"TT-{k.upper()}"] for k in ("PDAC", "PNET", "IPMN")} == \
         pytest.approx({"PDAC": 0.8, "PNET": 0.1, "IPMN": 0.03})
 
@@ -240,7 +240,7 @@ def test_negative_study_still_gets_a_report(sources: list[pydicom.Dataset],
     assert dciodvfy(sr_ds, tmp_path / "neg.dcm") == []
     texts = [i.TextValue for i in _content_items(sr_ds) if i.ValueType == "TEXT"
              and i.ConceptNameCodeSequence[0].CodeValue == "121073"]  # Impression
-    assert texts == ["No suspicious pancreatic lesion found (PDAC probability 0.07)"]
+    assert texts == ["No suspicious pancreatic lesion found; patient-level PDAC probability 0.07"]
 
 
 def test_not_assessable_result_says_so_in_the_sr(sources: list[pydicom.Dataset],
@@ -289,7 +289,7 @@ def test_gsps_outlines_match_lesion_masks(written: tuple[PancreasReport, list[Wr
             expected |= les.mask[z]
         drawn = _raster(polys, expected.shape)
         assert np.array_equal(drawn, expected), f"slice {z}"
-        assert any("p=0.92" in t.UnformattedTextValue or "p=0.61" in t.UnformattedTextValue
+        assert any("conf 0.92" in t.UnformattedTextValue or "conf 0.61" in t.UnformattedTextValue
                    for t in ann.TextObjectSequence)
     assert seen == {*LESION1_SLICES, LESION2_SLICE}
 
@@ -309,7 +309,9 @@ def test_sc_burns_outline_and_legend(written: tuple[PancreasReport, list[Written
         z = uid_to_z[sc.SourceImageSequence[0].ReferencedSOPInstanceUID]
         path = tmp_path / f"sc{z}.dcm"
         sc.save_as(path, enforce_file_format=True)
-        px = pydicom.dcmread(path).pixel_array
+        full = pydicom.dcmread(path).pixel_array
+        # The legend lies on a band below the source pixels, which keep their grid.
+        px = full[:int(sources[z].Rows)]
         red = np.all(px == FINDING_RGB, axis=-1)
         mask = np.zeros(red.shape, bool)
         for les in result.lesions:
@@ -317,8 +319,8 @@ def test_sc_burns_outline_and_legend(written: tuple[PancreasReport, list[Written
         edge = mask & ~ndimage.binary_erosion(mask)
         assert red[edge].all()
         assert not red[mask & ~edge].any()  # inside stays image
-        # The legend (bottom rows) has text pixels in it.
-        legend = px[-60:, :250].astype(int)
+        # The legend (the band below the image) has text pixels in it.
+        legend = full[int(sources[z].Rows):, :250].astype(int)
         yellow = (legend[..., 0] > 200) & (legend[..., 1] > 200) & (legend[..., 2] < 60)
         assert yellow.sum() > 100
 
@@ -337,4 +339,4 @@ def test_segment_label_names_location_and_confidence(
     (seg,) = by_kind(objs, "SEG")
     labels = [s.SegmentLabel for s in seg.SegmentSequence]
     assert labels[0] == "Pancreas"
-    assert re.fullmatch(r"Lesion 1 \(head\) p=0\.92", labels[1])
+    assert re.fullmatch(r"Lesion 1 \(head\) conf 0\.92", labels[1])

@@ -38,10 +38,10 @@ def test_rows_carry_what_the_pipeline_said() -> None:
     )
     study, n1, n2 = finding_rows(7, result)
     assert (study.kind, study.label, study.probability) == ("patient", "nodule probability", 0.4)
-    assert study.details == {"model": "x", "summary": "one nodule"}
+    assert study.details == {"model": "x", "summary": "one nodule", "score_name": "Probability"}
     assert (n1.kind, n1.location, n1.diameter_mm, n1.volume_ml, n1.mean_hu, n1.tracking_uid) == \
         ("nodule", "RUL", 7.0, 0.2, 31.5, "2.25.1")
-    assert n1.details == {"legend": "N1 7 mm"} and n1.job_id == 7
+    assert n1.details == {"legend": "N1 7 mm", "score_name": "Probability"} and n1.job_id == 7
     assert n2.mean_hu is None and n2.tracking_uid is None
     assert job_provenance(result) == {"algorithm": "ainode test", "algorithm_version": "1",
                                       "result": {"device": "cpu"}}
@@ -67,7 +67,7 @@ def test_pancreas_rows_are_those_the_worker_wrote_before() -> None:
     )
     patient, lesion = finding_rows(3, report.to_result())
     assert (patient.kind, patient.label, patient.probability) == \
-        ("patient", "PDAC probability", 0.93)
+        ("patient", "Patient-level PDAC probability", 0.93)
     assert patient.details["pancreas_found"] is True
     assert patient.details["classification"] == {"PDAC": 0.8}
     assert patient.details["summary"] == report.summary()

@@ -89,7 +89,7 @@ def test_run_gives_the_report_in_the_generic_contract(ct_pipeline) -> None:  # t
         [f"lesion-{les.index}" for les in rep.lesions]
     patient, *lesions = res.findings
     assert (patient.kind, patient.label, patient.probability) == \
-        ("patient", "PDAC probability", rep.patient_score)
+        ("patient", "Patient-level PDAC probability", rep.patient_score)
     assert patient.details["pancreas_found"] == rep.pancreas_found
     for f, les in zip(lesions, rep.lesions, strict=True):
         assert (f.kind, f.probability, f.size_mm, f.location) == \

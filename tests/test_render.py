@@ -84,7 +84,8 @@ def test_render_draws_outline_on_mask_edge(rendered_series: tuple[list[pydicom.D
     assert len(pngs) == len(PANCREAS_SLICES)  # only slices with an outline
     z = LESION1_SLICES.start + 1
     (png,) = [p for p in pngs if str(sources[z].SOPInstanceUID) in p.name]
-    px = np.asarray(Image.open(png).convert("RGB"))
+    full = np.asarray(Image.open(png).convert("RGB"))
+    px = full[:int(sources[z].Rows)]  # the legend is on a band below the image
     lesion = result.lesions[0].mask[z]  # type: ignore[attr-defined]
     pancreas = result.pancreas_mask[z]  # type: ignore[attr-defined]
     red = np.all(px == (255, 0, 0), axis=-1)
@@ -92,7 +93,7 @@ def test_render_draws_outline_on_mask_edge(rendered_series: tuple[list[pydicom.D
     # Outline pixels exactly where the mask edges are, and nowhere else.
     assert np.array_equal(red, edge(lesion))
     assert np.array_equal(green, edge(pancreas) & ~edge(lesion))
-    legend = px[-40:, :300].astype(int)
+    legend = full[int(sources[z].Rows):, :300].astype(int)
     assert ((legend[..., 0] > 200) & (legend[..., 1] > 200) & (legend[..., 2] < 60)).sum() > 50
 
 

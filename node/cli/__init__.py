@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 import typer.main
+from sqlalchemy.exc import SQLAlchemyError
 from typer.core import TyperGroup
 
 from node import __version__
@@ -40,7 +41,9 @@ from node.cli import (
 )
 from node.cli.context import AppContext
 from node.cli.context import get as get_context
+from node.secrets import mask_text
 from storage.errors import ConfigError, InputError, NodeError
+from storage.migrate import db_reason
 
 __all__ = ["app", "main"]
 
@@ -84,9 +87,37 @@ def _config_option() -> Any:
     return option
 
 
+def _late_wide(ctx: typer.Context, value: bool) -> None:
+    if value:
+        get_context(ctx).wide = True
+
+
+def _wide_option() -> Any:
+    """``--wide`` for every command that prints a table (those with ``--json``)."""
+    probe = typer.Typer(add_completion=False)
+
+    @probe.command()
+    def _probe(wide: Annotated[bool, typer.Option(
+            "--wide", callback=_late_wide,
+            help="every column, full UIDs (to copy), as wide as it takes")] = False) -> None:
+        pass
+
+    (option,) = [p for p in typer.main.get_command(probe).params if p.name == "wide"]
+    option.expose_value = False
+    return option
+
+
 def _add_config_option(command: Any) -> None:
     if not any(p.name == "config" for p in command.params):
         command.params.append(_config_option())
+    if any(p.name == "as_json" for p in command.params) and \
+            not any(p.name == "wide" for p in command.params):
+        command.params.append(_wide_option())
+    for param in command.params:
+        # Typer's help shows every flag as "--json <bool>", which reads as if it took
+        # a value; a flag has no metavar.
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
     for sub in getattr(command, "commands", {}).values():
         _add_config_option(sub)
 
@@ -147,10 +178,14 @@ def _root(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="also the libraries' INFO lines (alembic, "
+                           "highdicom)")
+    ] = False,
 ) -> None:
     source = ctx.get_parameter_source("config")
     explicit = getattr(source, "name", "") == "COMMANDLINE"  # not from AINODE_CONFIG
-    ctx.obj = AppContext(config_path=config, config_explicit=explicit)
+    ctx.obj = AppContext(config_path=config, config_explicit=explicit, verbose=verbose)
 
 
 def exit_code(exc: NodeError) -> int:
@@ -158,8 +193,16 @@ def exit_code(exc: NodeError) -> int:
 
 
 def main() -> None:
+    """Run the CLI; every failure the admin can meet ends in one line and an exit code.
+
+    A database error that escaped a command's own handling (the server went
+    away mid-command) is still one line naming what failed, password masked.
+    """
     try:
         app()
     except NodeError as exc:
-        typer.echo(f"ainode: error: {exc}", err=True)
+        typer.echo(f"ainode: error: {mask_text(str(exc))}", err=True)
         sys.exit(exit_code(exc))
+    except SQLAlchemyError as exc:
+        typer.echo(f"ainode: error: database: {mask_text(db_reason(exc))}", err=True)
+        sys.exit(1)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from typing import Annotated
 
 import typer
 import yaml
 
 from node.cli.context import get
+from node.secrets import mask_tree
 
 app = typer.Typer(help="Check and show the configuration.", no_args_is_help=True)
 
@@ -20,8 +22,11 @@ def check(ctx: typer.Context) -> None:
 
 
 @app.command("show")
-def show(ctx: typer.Context, as_json: bool = typer.Option(False, "--json")) -> None:
-    """Print the effective configuration (file + environment + defaults)."""
+def show(ctx: typer.Context, as_json: Annotated[bool, typer.Option(
+        "--json", help="JSON instead of YAML")] = False) -> None:
+    """Print the effective configuration (file + environment + defaults), secrets masked."""
     cfg = get(ctx).config
-    data = json.loads(cfg.model_dump_json())
+    # Secrets masked (database password, any *password*/*token* key): the output is
+    # pasted into tickets and chats.
+    data = mask_tree(json.loads(cfg.model_dump_json()))
     typer.echo(json.dumps(data, indent=2) if as_json else yaml.safe_dump(data, sort_keys=False))

@@ -6,25 +6,67 @@ from typing import Annotated, Any
 
 import typer
 from sqlalchemy import select
-from sqlalchemy.orm import selectinload
+from sqlalchemy.orm import Session, selectinload
 
 from node.cli.context import get
 from node.cli.output import emit
 from node.orchestration import evaluate_series, registry_model_version
 from node.routing import store as rule_store
+from pipelines.results import people_probability
 from storage import jobs as job_store
 from storage.audit import os_actor
 from storage.errors import InputError
-from storage.models import Finding, Job, JobOutcome, JobState, Output, Series, Transfer
+from storage.models import (
+    Finding,
+    Job,
+    JobOutcome,
+    JobState,
+    Output,
+    Series,
+    Transfer,
+    TransferState,
+)
 
 __all__ = ["app", "reprocess"]
 
 app = typer.Typer(help="Pipeline jobs: list, show, retry, cancel.", no_args_is_help=True)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="JSON instead of a table")]
-COLUMNS = ("id", "state", "outcome", "priority", "series", "rule", "pipeline", "model_version",
-           "attempts", "stage", "created_at", "finished_at", "turnaround_s", "error",
-           "outcome_reason")
+# What fits a terminal; --wide shows ALL_COLUMNS.
+COLUMNS = ("id", "state", "send", "outcome", "series", "rule", "pipeline", "finished_at",
+           "error")
+ALL_COLUMNS = ("id", "state", "send", "outcome", "priority", "series", "rule", "pipeline",
+               "model_version", "attempts", "stage", "created_at", "finished_at",
+               "turnaround_s", "error", "outcome_reason", "supersedes")
+
+
+def send_state(states: list[TransferState]) -> str:
+    """One word for a job's transfers, beside its state: ``done`` is not ``delivered``.
+
+    ``-`` nothing to send; ``sent``; ``pending 2/4`` (2 of 4 still to go);
+    ``failed 1/4`` (given up on 1 of 4) wins over pending, as it needs the admin.
+    """
+    if not states:
+        return "-"
+    n = len(states)
+    failed = sum(1 for t in states if t is TransferState.FAILED)
+    pending = sum(1 for t in states if t is TransferState.PENDING)
+    if failed:
+        return f"failed {failed}/{n}"
+    if pending:
+        return f"pending {pending}/{n}"
+    return "sent"
+
+
+def _send_states(session: Session, job_ids: list[int]) -> dict[int, str]:
+    found: dict[int, list[TransferState]] = {j: [] for j in job_ids}
+    if job_ids:
+        for job_id, state in session.execute(
+                select(Output.job_id, Transfer.state).join(Transfer, Transfer.output_id
+                                                           == Output.id)
+                .where(Output.job_id.in_(job_ids))):
+            found[job_id].append(state)
+    return {j: send_state(v) for j, v in found.items()}
 
 
 def _row(job: Job) -> dict[str, Any]:
@@ -40,6 +82,7 @@ def _row(job: Job) -> dict[str, Any]:
         "error": job.error,
         # The verdict of a done job; None (shown "-") while unfinished, failed, or older.
         "outcome": job.outcome, "outcome_reason": job.outcome_reason,
+        "supersedes": getattr(job, "supersedes_job_id", None),
     }
 
 
@@ -62,8 +105,10 @@ def list_jobs(
     if series is not None:
         q = q.join(Series).where(Series.series_instance_uid == series)
     with get(ctx).db.session() as s:
-        rows = [_row(j) for j in s.scalars(q)]
-    emit(rows, COLUMNS, as_json=as_json, title="jobs")
+        jobs = list(s.scalars(q))
+        sends = _send_states(s, [j.id for j in jobs])
+        rows = [{**_row(j), "send": sends[j.id]} for j in jobs]
+    emit(rows, COLUMNS, as_json=as_json, title="jobs", wide_columns=ALL_COLUMNS)
 
 
 @app.command("show")
@@ -72,9 +117,12 @@ def show(ctx: typer.Context, job_id: int, as_json: JsonOpt = False) -> None:
     with get(ctx).db.session() as s:
         job = job_store.get_job(s, job_id)
         row = _row(job)
+        row["send"] = _send_states(s, [job.id])[job.id]
         row["provenance"] = job.provenance
         row["findings"] = [
-            {"kind": f.kind, "label": f.label, "probability": f.probability,
+            {"kind": f.kind, "label": f.label, "score": (f.details or {}).get("score_name"),
+             # Rounded for people as the SR and the legend say it; --json keeps it all.
+             "probability": f.probability if as_json else people_probability(f.probability),
              "location": f.location, "diameter_mm": f.diameter_mm, "volume_ml": f.volume_ml}
             for f in s.scalars(select(Finding).where(Finding.job_id == job.id))]
         row["outputs"] = [
@@ -91,7 +139,7 @@ def show(ctx: typer.Context, job_id: int, as_json: JsonOpt = False) -> None:
     emit([{"field": k, "value": v} for k, v in row.items()
           if k not in ("findings", "outputs", "provenance")], ("field", "value"), as_json=False,
          title=f"job {job_id}")
-    emit(row["findings"], ("kind", "label", "probability", "location", "diameter_mm",
+    emit(row["findings"], ("kind", "label", "score", "probability", "location", "diameter_mm",
                            "volume_ml"), as_json=False, title="findings")
     emit([{**o, "transfers": ", ".join(f"{t['destination']}: {t['state']}"
                                        for t in o["transfers"]) or "-"}

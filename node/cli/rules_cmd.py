@@ -19,6 +19,7 @@ from sqlalchemy.orm import selectinload
 from node.cli.audit_cmd import parse_since
 from node.cli.context import AppContext, get
 from node.cli.output import emit
+from node.config import yaml_problem
 from node.orchestration import (
     decisive_attributes,
     evaluate_series,
@@ -78,8 +79,8 @@ def _row(rule: RoutingRule, *, for_table: bool) -> dict[str, Any]:
 
 
 def _emit_rule(rule: RoutingRule, as_json: bool) -> None:
-    emit([_row(rule, for_table=not as_json)], (*COLUMNS, "created_by", "created_at"),
-         as_json=as_json)
+    emit([_row(rule, for_table=not as_json)], COLUMNS, as_json=as_json,
+         wide_columns=(*COLUMNS, "created_by", "created_at"))
 
 
 @app.command("add")
@@ -97,17 +98,44 @@ def add(
     shadow: Annotated[bool, typer.Option(
         "--shadow", help="run and record results, send nothing")] = False,
     disabled: Annotated[bool, typer.Option("--disabled", help="add it switched off")] = False,
+    catch_all: Annotated[bool, typer.Option(
+        "--catch-all", help="no --when on purpose: the rule routes every series")] = False,
+    no_send: Annotated[bool, typer.Option(
+        "--no-send", help="no --send-to on purpose: results stay on the node")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Add a rule (version 1)."""
+    """Add a rule (version 1).
+
+    A rule without a condition routes every series the node receives, so it
+    needs ``--catch-all``; one without a destination keeps its results on the
+    node and says so unless ``--no-send`` (or ``--shadow``) says it is meant.
+    """
     app_ctx = get(ctx)
     spec = RuleSpec.build(name, pipeline=pipeline, when=when or [], send_to=send_to or [],
                           priority=priority, enabled=not disabled, shadow=shadow,
                           stable_age_s=stable_age)
+    if no_send and spec.destinations:
+        raise InputError("--no-send and --send-to contradict each other")
     with app_ctx.db.session() as s:
+        # The store's own checks first (unknown pipeline, destination...), so the
+        # first message names the first mistake; then the intent, before anything is saved.
+        rule_store.validate_spec(s, spec, _pipelines(), _configured(app_ctx))
+        check_intent(spec, catch_all=catch_all, no_send=no_send)
         row = rule_store.add_rule(s, spec, actor=os_actor(), pipelines=_pipelines(),
                                   configured_destinations=_configured(app_ctx))
         _emit_rule(row, as_json)
+
+
+def check_intent(spec: RuleSpec, *, catch_all: bool, no_send: bool) -> None:
+    """Refuse an accidental catch-all; warn about a rule whose results go nowhere."""
+    if not spec.conditions and not catch_all:
+        raise InputError(
+            f"rule {spec.name!r} has no --when condition, so it would route every series "
+            "this node receives; add a condition, or pass --catch-all if that is meant")
+    if not spec.destinations and not spec.shadow and not no_send:
+        typer.echo(f"ainode: warning: rule {spec.name!r} sends its results nowhere (no "
+                   "--send-to); they stay on the node. Pass --no-send to say that is meant.",
+                   err=True)
 
 
 @app.command("list")
@@ -241,7 +269,7 @@ def _read_specs(path: Path) -> list[RuleSpec]:
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror}") from exc
     except yaml.YAMLError as exc:
-        raise InputError(f"{path} is not valid YAML: {exc}") from exc
+        raise InputError(f"{path} is not valid YAML: {yaml_problem(exc)}") from exc
     if isinstance(data, dict) and set(data) == {"rules"}:
         data = data["rules"]
     if data is None:

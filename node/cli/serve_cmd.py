@@ -25,7 +25,7 @@ def serve(
     workers: Annotated[
         int | None,
         typer.Option("--workers", "-w", min=1, max=16,
-                     help="receiver processes (default 4; one per core above 4, max 8)"),
+                     help="receiver processes (default: one per core, at most 8)"),
     ] = None,
     no_jobs: Annotated[
         bool,

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import statistics
 from datetime import timedelta
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from node.cli.context import get
 from node.cli.output import emit
+from node.heartbeat import NodeState, node_state
+from node.secrets import mask_text
+from storage.errors import NodeError
 from storage.models import (
+    AuditEvent,
     Instance,
     Job,
     JobOutcome,
@@ -40,7 +46,10 @@ def status(
     ctx: typer.Context,
     as_json: Annotated[bool, typer.Option("--json", help="JSON instead of a table")] = False,
 ) -> None:
-    """Queue depth, done and not-assessable jobs, last received and sent, free disk, models.
+    """Whether the node is up, the last errors, queue, traffic, free disk, models.
+
+    Up means the scheduler's heartbeat is fresh and the receivers' port answers
+    (node.heartbeat); stopped and silent nodes are told apart.
 
     Also the last 24 h: done jobs, those of them not assessable, series skipped
     at routing as no image series, and turnaround.
@@ -51,7 +60,10 @@ def status(
     app_ctx = get(ctx)
     store = app_ctx.filestore()
     since = utcnow() - timedelta(days=1)
+    dicom = app_ctx.config.dicom
     with app_ctx.db.session() as s:
+        node = node_state(s, dicom.host, dicom.port)
+        errors = last_errors(s)
         counts = dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
         last_received = s.scalar(select(func.max(Instance.received_at)))
         last_sent = s.scalar(select(func.max(Transfer.sent_at)))
@@ -73,6 +85,11 @@ def status(
             select(Job.pipeline, Job.model_version).where(Job.state == JobState.DONE)
             .order_by(Job.finished_at)).all())
     info: dict[str, Any] = {
+        "node": node.summary,
+        "node_up": node.up,
+        "last_heartbeat_at": node.last_heartbeat_at,
+        # Separate `ainode worker` processes: issue 17's worker heartbeats go here.
+        "workers": workers_line(node),
         "queue_depth": counts.get(JobState.QUEUED, 0),
         "running": counts.get(JobState.RUNNING, 0),
         "failed": counts.get(JobState.FAILED, 0),
@@ -88,6 +105,8 @@ def status(
         "disk_floor_mb": app_ctx.config.storage.min_free_mb,
         # Models load in the worker processes; what they report is recorded per job.
         "model_versions": versions,
+        "models": pipeline_models(app_ctx.config.inference.models_dir),
+        "last_errors": errors,
         "turnaround_jobs_24h": len(turnarounds),
         "turnaround_median_s": None if not turnarounds else statistics.median(turnarounds),
         "turnaround_p95_s": percentile(turnarounds, 95),
@@ -95,7 +114,63 @@ def status(
     if as_json:
         emit([info], (), as_json=True)
         return
-    rows = [{"item": k, "value": ", ".join(f"{p}={v}" for p, v in val.items()) or "-"
-             if isinstance(val, dict) else (round(val, 1) if isinstance(val, float) else val)}
-            for k, val in info.items()]
+    rows = [{"item": k, "value": _shown(val)} for k, val in info.items() if k != "node_up"]
     emit(rows, ("item", "value"), as_json=False, title="ainode status")
+
+
+def _shown(val: Any) -> Any:
+    if isinstance(val, dict):
+        return "; ".join(f"{p}: {v}" for p, v in val.items()) or "-"
+    if isinstance(val, list):
+        return "\n".join(str(v) for v in val) or "-"
+    return round(val, 1) if isinstance(val, float) else val
+
+
+def workers_line(node: NodeState) -> str:
+    """Who runs jobs. The node's own worker is in its heartbeat; separate ``ainode
+    worker`` processes are listed here once they record heartbeats of their own."""
+    if not node.details:
+        return "-"
+    if node.details.get("run_jobs"):
+        return "in-process worker of ainode serve" + ("" if node.up else " (node down)")
+    return "none in ainode serve (--no-jobs): separate `ainode worker` processes run jobs"
+
+
+def last_errors(session: Session, limit: int = 5) -> list[str]:
+    """The newest failures the node recorded (audit outcome failure), one line each."""
+    rows = session.scalars(select(AuditEvent).where(AuditEvent.outcome == "failure")
+                           .order_by(AuditEvent.id.desc()).limit(limit))
+    out = []
+    for ev in rows:
+        d = ev.details or {}
+        why = d.get("error") or d.get("reason") or ""
+        what = f" job {ev.job_id}" if ev.job_id else ""
+        out.append(mask_text(f"{ev.ts.isoformat(timespec='seconds')} {ev.event}{what}"
+                             + (f": {str(why)[:160]}" if why else "")))
+    return out
+
+
+def pipeline_models(models_dir: Path | None) -> dict[str, str]:
+    """Every registered pipeline with the package each stage would load (name and version)."""
+    from pipelines import registry
+    from pipelines.models.package import read_manifest
+
+    out: dict[str, str] = {}
+    for name in registry.available():
+        try:
+            packages = registry.model_packages(name, models_dir)
+        except NodeError as exc:
+            out[name] = f"unavailable: {exc}"
+            continue
+        parts = []
+        for stage, found in packages.items():
+            if found is None:
+                parts.append(f"{stage} (none)")
+                continue
+            try:
+                m = read_manifest(Path(found.path))
+                parts.append(f"{stage} {m.name} {m.version} ({found.source})")
+            except NodeError as exc:
+                parts.append(f"{stage} INVALID: {exc}")
+        out[name] = ", ".join(parts) or "(no model packages declared)"
+    return out

@@ -29,9 +29,11 @@ LimitOpt = Annotated[int | None, typer.Option("--limit", min=1, help="at most th
 def studies_list(ctx: typer.Context, as_json: JsonOpt = False, limit: LimitOpt = None) -> None:
     """List studies with their series and instance counts."""
     rows = [asdict(s) for s in list_studies(get(ctx).db, limit=limit)]
-    emit(rows, ["id", "study_uid", "study_date", "description", "series_count",
-                "complete_series", "instance_count", "last_received_at"],
-         as_json=as_json, title="studies")
+    emit(rows, ["id", "study_uid", "study_date", "series_count", "instance_count",
+                "last_received_at"],
+         as_json=as_json, title="studies",
+         wide_columns=["id", "study_uid", "study_date", "description", "series_count",
+                       "complete_series", "instance_count", "last_received_at"])
 
 
 @series_app.command("list")
@@ -46,6 +48,9 @@ def series_list(
 ) -> None:
     """List series with instance counts and state (receiving, complete, routed)."""
     rows = [asdict(s) for s in list_series(get(ctx).db, study_uid=study, state=state, limit=limit)]
-    emit(rows, ["id", "series_uid", "study_uid", "modality", "description", "instance_count",
-                "state", "reopened_count", "last_received_at", "completed_at"],
-         as_json=as_json, title="series")
+    # What fits 80 columns; --wide adds the study, description, reopen count, completion.
+    emit(rows, ["id", "series_uid", "modality", "instance_count", "state", "last_received_at"],
+         as_json=as_json, title="series",
+         wide_columns=["id", "series_uid", "study_uid", "modality", "description",
+                       "instance_count", "state", "reopened_count", "last_received_at",
+                       "completed_at"])

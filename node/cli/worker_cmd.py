@@ -12,6 +12,7 @@ import typer
 
 from node.cli.context import get
 from node.worker import Worker
+from storage import migrate
 
 __all__ = ["worker"]
 
@@ -29,6 +30,8 @@ def worker(
 ) -> None:
     """Claim and run pipeline jobs until stopped (SIGTERM/SIGINT)."""
     app_ctx = get(ctx)
+    # A worker host booted with (or before) the database server waits for it, as serve does.
+    migrate.wait_until_reachable(app_ctx.raw_db, app_ctx.config.storage.database_wait_s)
     w = Worker(app_ctx.db, app_ctx.filestore(), app_ctx.config, lease_s=lease,
                concurrency=concurrency)
     recovered = w.recover()

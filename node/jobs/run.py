@@ -47,7 +47,7 @@ from storage.errors import (
     PipelineError,
 )
 from storage.filestore import FileStore
-from storage.models import Destination, Instance, JobState, Output, RoutingRule
+from storage.models import Destination, Instance, Job, JobState, Output, RoutingRule
 
 __all__ = [
     "JobDeps",
@@ -160,6 +160,8 @@ class JobPlan:
     destinations: tuple[str, ...]
     kinds: tuple[str, ...]
     shadow: bool
+    # Sentences the SR states about this run (e.g. the result it supersedes).
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +196,8 @@ def run_job(job_id: int, owner: str, deps: JobDeps, *,
     stage("infer")
     t0 = time.monotonic()
     result, withheld = reportable(pipeline.run(volume))
+    if plan.notes:
+        result = replace(result, notes=(*result.notes, *plan.notes))
     infer_s = time.monotonic() - t0
     stage("write")
     objects = list(deps.write(result, sources, plan.kinds))
@@ -245,7 +249,20 @@ def plan_job(deps: JobDeps, job_id: int) -> JobPlan:
                 accepts.update(configured[name].accepts)
         kinds = tuple(k for k in writers.kinds() if k in accepts) or writers.default_kinds()
         return JobPlan(job_id, job.pipeline, job.model_version, series.series_instance_uid,
-                       paths, destinations, kinds, job.shadow)
+                       paths, destinations, kinds, job.shadow,
+                       notes=supersession_notes(session, job, len(paths)))
+
+
+def supersession_notes(session: Session, job: Job, instances: int) -> tuple[str, ...]:
+    """What the new SR says when this job re-runs a series that grew after routing."""
+    if job.supersedes_job_id is None:
+        return ()
+    old = session.get(Job, job.supersedes_job_id)
+    before = "" if old is None or old.series_instance_count is None else \
+        f" (made from {old.series_instance_count} instances)"
+    return (f"Supersedes the earlier result of this series (job {job.supersedes_job_id}"
+            f"{before}): more instances arrived after it; this result uses the "
+            f"{instances} now received.",)
 
 
 def reportable(result: AnalysisResult) -> tuple[AnalysisResult, dict[str, Any]]:

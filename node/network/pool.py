@@ -42,17 +42,16 @@ _WORKER_START_TIMEOUT_S = 60.0
 
 
 def default_workers() -> int:
-    """Four receiver processes, more on machines with more than four cores (at most 8).
+    """One receiver process per core, at most 8.
 
-    Why not one per core: a receiver spends much of each store waiting on the
-    disk (the file's fsync, the commit), and associations that share a process
-    share its GIL; the kernel, not the core count, does the waiting. With four
-    storescu senders on 2 cores (bench_ingest, one alternating run each): 2
-    processes 0.73 of Orthanc's rate, 4 processes 1.07 (single runs on that
-    machine vary widely; bench/RESULTS.md has the medians). Each process costs
-    about 50-100 MB.
+    Why by cores: on a small host the node shares the cores with its own job
+    worker (inference) and the database; four processes on two cores cost
+    200-400 MB and compete with inference for no gain an admin would see. A
+    receiver spends much of each store waiting on the disk, so on 2 cores 4
+    processes measured a faster burst ingest (bench_ingest: 1.07 of Orthanc's
+    rate against 0.73 with 2; bench/RESULTS.md); ``--workers 4`` still buys it.
     """
-    return max(4, min(8, os.cpu_count() or 1))
+    return max(1, min(8, os.cpu_count() or 1))
 
 
 class ReceiverPool:

@@ -29,6 +29,7 @@ from node import logs
 from node.config import NodeConfig
 from node.network.dispatch import ended, serve_channel
 from node.network.scp import Receiver, ReceiverSettings
+from node.secrets import secrets_of
 from storage.db import Database
 from storage.filestore import FileStore
 from storage.ingest import Ingestor
@@ -67,7 +68,7 @@ def main() -> None:
     request = json.loads(sys.stdin.readline())
     config = NodeConfig.model_validate(request["config"])
     lc = config.logging
-    logs.configure(lc.level, lc.format, lc.file)
+    logs.configure(lc.level, lc.format, lc.file, secrets=secrets_of(config))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     # Ctrl-C reaches the whole process group; the parent decides when we stop.

@@ -5,12 +5,16 @@ Grammar (one condition per ``--when``; scripts and tests rely on it)::
     KEY=V        equals; case-insensitive for text, numeric for numbers
     KEY=A|B|C    equals any of
     KEY!=V       not equal (an absent attribute is "not equal")
+    KEY!=A|B|C   equals none of (the mirror of ``=A|B|C``)
     KEY~REGEX    case-insensitive regular-expression search
     KEY<N  KEY<=N  KEY>N  KEY>=N    numeric comparison (a range is two conditions)
     KEY?         present with a non-empty value
     !KEY         absent or empty
 
 KEY is a DICOM keyword from pydicom's data dictionary, or ``CallingAE``.
+Refused when saved, because each is a mistake that would otherwise route
+silently wrong: ``KEY==V`` (a programmer's equality: it would compare with
+"=V"), and ``<``/``>`` on a text attribute (``Modality<3`` is true of nothing).
 
 Why data and not code: a rule is stored, exported to YAML, reviewed in git and
 compiled again when loaded; an ``eval``-ed expression could do anything on the
@@ -26,9 +30,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
-from pydicom.datadict import keyword_dict
+from pydicom.datadict import dictionary_VR, keyword_dict
 
 from storage.errors import InputError
+from storage.suggest import did_you_mean
 
 __all__ = [
     "CALLING_AE",
@@ -41,9 +46,13 @@ __all__ = [
 ]
 
 CALLING_AE = "CallingAE"
-Op = Literal["=", "!=", "~", "<", "<=", ">", ">=", "in", "present", "absent"]
-OPERATORS: tuple[str, ...] = ("=", "!=", "~", "<", "<=", ">", ">=", "in", "present", "absent")
+Op = Literal["=", "!=", "~", "<", "<=", ">", ">=", "in", "not_in", "present", "absent"]
+OPERATORS: tuple[str, ...] = ("=", "!=", "~", "<", "<=", ">", ">=", "in", "not_in", "present",
+                              "absent")
 _NUMERIC: frozenset[str] = frozenset({"<", "<=", ">", ">="})
+# Value representations that hold numbers (PS3.5 6.2); any other VR is text to a rule.
+_NUMERIC_VRS: frozenset[str] = frozenset(
+    {"DS", "IS", "US", "UL", "SS", "SL", "FL", "FD", "UV", "SV"})
 
 _SYNTAX = re.compile(
     r"""^\s*(?:
@@ -57,10 +66,27 @@ _SYNTAX = re.compile(
 
 def _check_key(key: str, text: str) -> None:
     if key != CALLING_AE and key not in keyword_dict:
+        hint = did_you_mean(key, [*keyword_dict, CALLING_AE])
         raise InputError(
-            f"unknown DICOM keyword {key!r} in condition {text!r} "
-            f"(use a keyword such as SeriesDescription, or {CALLING_AE})"
+            f"unknown DICOM keyword {key!r} in condition {text!r}"
+            + (f"; did you mean {hint}?" if hint else
+               f" (use a keyword such as SeriesDescription, or {CALLING_AE})")
         )
+
+
+def _vr(key: str) -> str:
+    """The keyword's value representation ('US or SS' style entries kept whole)."""
+    if key == CALLING_AE:
+        return "AE"
+    return str(dictionary_VR(keyword_dict[key]))
+
+
+def _check_numeric(key: str, op: str, text: str) -> None:
+    vr = _vr(key)
+    if not any(part.strip() in _NUMERIC_VRS for part in vr.split(" or ")):
+        raise InputError(
+            f"condition {text!r}: {key} is a text attribute (VR {vr}), so {op} cannot compare "
+            f"it with a number; use {key}=V, {key}=A|B or {key}~REGEX")
 
 
 def _number(raw: str, text: str) -> float:
@@ -105,9 +131,9 @@ class Condition:
             return f"{self.key}?"
         if self.op == "absent":
             return f"!{self.key}"
-        if self.op == "in":
+        if self.op in ("in", "not_in"):
             assert isinstance(self.value, tuple)
-            return f"{self.key}=" + "|".join(self.value)
+            return f"{self.key}{'=' if self.op == 'in' else '!='}" + "|".join(self.value)
         value = self.value
         if isinstance(value, float):
             value = f"{value:g}" if value == int(value) else repr(value)
@@ -135,7 +161,11 @@ def parse_condition(text: str) -> Condition:
     _check_key(key, text)
     if raw == "":
         raise InputError(f"condition {text!r} has no value (use !{key} for an absent attribute)")
+    if op in ("=", "!=") and raw.startswith("="):
+        raise InputError(
+            f"condition {text!r}: '{op}=' is not an operator; write {key}{op}{raw[1:].strip()}")
     if op in _NUMERIC:
+        _check_numeric(key, op, text)
         return Condition(key, op, _number(raw, text))
     if op == "~":
         try:
@@ -143,11 +173,11 @@ def parse_condition(text: str) -> Condition:
         except re.error as exc:
             raise InputError(f"bad regular expression in condition {text!r}: {exc}") from exc
         return Condition(key, "~", raw)
-    if op == "=" and "|" in raw:
+    if op in ("=", "!=") and "|" in raw:
         options = tuple(o.strip() for o in raw.split("|"))
         if any(o == "" for o in options):
             raise InputError(f"condition {text!r} has an empty alternative between '|'")
-        return Condition(key, "in", options)
+        return Condition(key, "in" if op == "=" else "not_in", options)
     return Condition(key, op, raw)
 
 
@@ -232,7 +262,7 @@ def evaluate(cond: Condition, attributes: Mapping[str, Any]) -> ConditionResult:
         return ConditionResult(cond, not present, shown,
                                "absent" if not present else f"present: {_as_text(actual)!r}")
     if not present:
-        if cond.op == "!=":
+        if cond.op in ("!=", "not_in"):
             return ConditionResult(cond, True, None, "absent, so not equal")
         return ConditionResult(cond, False, None, f"{cond.key} is absent or empty")
     if cond.op == "=":
@@ -250,6 +280,11 @@ def evaluate(cond: Condition, attributes: Mapping[str, Any]) -> ConditionResult:
         ok = any(_equals(actual, v) for v in cond.value)
         return ConditionResult(cond, ok, shown, f"{_as_text(actual)!r} "
                                + ("is" if ok else "is not") + f" one of {list(cond.value)}")
+    if cond.op == "not_in":
+        assert isinstance(cond.value, tuple)
+        ok = not any(_equals(actual, v) for v in cond.value)
+        return ConditionResult(cond, ok, shown, f"{_as_text(actual)!r} "
+                               + ("is none" if ok else "is one") + f" of {list(cond.value)}")
     if cond.op == "~":
         assert isinstance(cond.value, str)
         ok = re.search(cond.value, _as_text(actual), re.IGNORECASE) is not None

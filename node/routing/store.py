@@ -41,6 +41,7 @@ __all__ = [
     "rule_key",
     "spec_of",
     "update_rule",
+    "validate_spec",
 ]
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,12 @@ def _validate(session: Session, spec: RuleSpec, pipelines: Collection[str],
               configured_destinations: Collection[str]) -> None:
     spec.validate(pipelines=pipelines,
                   destinations=known_destinations(session, configured_destinations))
+
+
+def validate_spec(session: Session, spec: RuleSpec, pipelines: Collection[str],
+                  configured_destinations: Collection[str] = ()) -> None:
+    """The checks add_rule makes, on their own (the CLI checks intent after them)."""
+    _validate(session, spec, pipelines, configured_destinations)
 
 
 def add_rule(

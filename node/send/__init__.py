@@ -167,6 +167,7 @@ def _record(db: Database, item: _Item, dest_name: str, *, ok: bool, status: int 
             return
         t.attempts += 1
         t.last_status = status
+        attempt, given_up, next_at = t.attempts, False, None
         ids: dict[str, Any] = {"study_uid": item.study_uid, "series_uid": item.series_uid,
                "sop_instance_uid": item.sop_instance_uid, "job_id": item.job_id,
                "output_series_uid": item.output_series_uid}
@@ -178,23 +179,45 @@ def _record(db: Database, item: _Item, dest_name: str, *, ok: bool, status: int 
                   actor="sender", destination=dest_name, attempt=t.attempts,
                   status=status, transfer_id=t.id, **ids)
             report._count(dest_name, "sent")
+            _log_outcome(item, dest_name, ok=True, status=status, error=None, attempt=attempt,
+                         given_up=False, next_at=None)
             return
         t.error = error
         if t.attempts >= policy.max_attempts:
             t.state = TransferState.FAILED
+            given_up = True
             audit(s, "transfer.failed", outcome="failure", actor="sender",
                   destination=dest_name, attempt=t.attempts, status=status, error=error,
                   transfer_id=t.id, **ids)
             report._count(dest_name, "failed")
         else:
             t.next_attempt_at = now + policy.delay(t.attempts)
+            next_at = t.next_attempt_at
             audit(s, "transfer.retry", outcome="failure", actor="sender",
                   destination=dest_name, attempt=t.attempts, status=status, error=error,
                   next_attempt_at=t.next_attempt_at.isoformat(), transfer_id=t.id, **ids)
             report._count(dest_name, "retrying")
-    log.info("transfer %s", "sent" if ok else "not sent", extra={
-        "transfer_id": item.transfer_id, "destination": dest_name, "status": status,
-        "sop_instance_uid": item.sop_instance_uid})
+    _log_outcome(item, dest_name, ok=False, status=status, error=error, attempt=attempt,
+                 given_up=given_up, next_at=next_at)
+
+
+def _log_outcome(item: _Item, dest_name: str, *, ok: bool, status: int | None,
+                 error: str | None, attempt: int, given_up: bool,
+                 next_at: datetime | None) -> None:
+    """One line per outcome, with the reason: the admin reads the log before the audit."""
+    extra: dict[str, Any] = {
+        "transfer_id": item.transfer_id, "destination": dest_name, "attempt": attempt,
+        "status": None if status is None else f"0x{status:04X}", "job_id": item.job_id,
+        "sop_instance_uid": item.sop_instance_uid}
+    if ok:
+        msg = "transfer sent" if attempt == 1 else f"transfer sent on retry (attempt {attempt})"
+        log.info(msg, extra=extra)
+    elif given_up:
+        log.error(f"transfer failed, giving up: {error}", extra=extra)
+    else:
+        extra["next_attempt_at"] = None if next_at is None else next_at.isoformat(
+            timespec="seconds")
+        log.warning(f"transfer not sent, will retry: {error}", extra=extra)
 
 
 def _send_dicomweb(db: Database, store_: FileStore, dest: Destination, items: list[_Item],

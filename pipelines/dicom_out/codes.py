@@ -16,6 +16,7 @@ from pydicom.sr.codedict import codes
 from pipelines.results import Code
 
 __all__ = [
+    "COMMENT",
     "IMPRESSION",
     "PROCEDURE_CT",
     "PROCEDURE_MR",
@@ -34,6 +35,7 @@ def concept(code: Code) -> CodedConcept:
 
 
 IMPRESSION = _cc(codes.DCM.Impression)
+COMMENT = _cc(codes.DCM.Comment)  # the research-use statement and supersession notes
 
 # Procedure reported (CID 100).
 PROCEDURE_CT = CodedConcept("77477000", "SCT", "Computed Tomography")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -18,14 +19,17 @@ from highdicom import UID
 from scipy import ndimage
 from skimage import measure
 
-from pipelines.results import AlgorithmInfo, AnalysisResult
+from pipelines.results import RESEARCH_DISCLAIMER, AlgorithmInfo, AnalysisResult
 from storage.errors import InputError
 
 __all__ = [
+    "DESCRIPTION_DISCLAIMER",
     "NODE_VERSION",
     "SegmentPlan",
     "check_sources",
+    "content_description",
     "contours",
+    "decoded_pixels",
     "edge_mask",
     "fill_tracking_uids",
     "plan_segments",
@@ -52,10 +56,28 @@ def product_name(algorithm: AlgorithmInfo) -> str:
     return f"{PRODUCT} {algorithm.name}"
 
 
+# Ends every Series Description: the part a 64-character LO must never cut.
+DESCRIPTION_DISCLAIMER = " - research, not for diagnosis"
+
+
 def series_description(algorithm: AlgorithmInfo, kind: str) -> str:
-    """Names product, object kind and model version, cut to the 64 characters of LO."""
-    text = f"{algorithm.name} {kind} (model {algorithm.version}) research only"
-    return text[:64]
+    """Object kind, algorithm and model version, then the disclaimer, in the 64 of LO.
+
+    Why the disclaimer goes last but is kept whole: the viewer's series list
+    shows this field, so it must say research use on every object; a long
+    algorithm name is what gets shortened.
+    """
+    name = algorithm.name.removeprefix("ainode ")  # the Manufacturer already says who
+    head = f"{kind} {name} {algorithm.version}"
+    room = 64 - len(DESCRIPTION_DISCLAIMER)
+    if len(head) > room:
+        head = head[:room].rstrip()
+    return head + DESCRIPTION_DISCLAIMER
+
+
+def content_description(algorithm: AlgorithmInfo, what: str) -> str:
+    """SEG/GSPS Content Description (LO): the disclaimer first, so it is never the cut part."""
+    return f"{RESEARCH_DISCLAIMER}. {what} by {algorithm.name} {algorithm.version}"[:64]
 
 
 def stamp(ds: pydicom.Dataset, algorithm: AlgorithmInfo, kind: str,
@@ -158,6 +180,25 @@ def contours(mask: npt.NDArray[np.bool_]) -> list[npt.NDArray[np.float32]]:
     return out
 
 
+def decoded_pixels(ds: pydicom.Dataset) -> npt.NDArray[Any]:
+    """The pixel array, or InputError in one line naming the instance and its encoding.
+
+    Why: pydicom raises ValueError, RuntimeError or NotImplementedError (no
+    decoder for the transfer syntax, truncated or corrupt pixel data), which
+    would reach the admin as a traceback from ``ainode render``.
+    """
+    try:
+        return np.asarray(ds.pixel_array)
+    except (ValueError, RuntimeError, NotImplementedError, AttributeError, KeyError,
+            TypeError) as exc:
+        meta = getattr(ds, "file_meta", None)
+        ts = getattr(meta, "TransferSyntaxUID", None)
+        name = getattr(ts, "name", "") or str(ts or "unknown")
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise InputError(f"cannot decode the pixels of instance {ds.get('SOPInstanceUID', '?')} "
+                         f"(transfer syntax {name}): {reason}") from exc
+
+
 def to_display(ds: pydicom.Dataset, window: tuple[float, float] | None = None
                ) -> npt.NDArray[np.uint8]:
     """A source slice as 8-bit grey, windowed the way a reader would first see it.
@@ -165,7 +206,7 @@ def to_display(ds: pydicom.Dataset, window: tuple[float, float] | None = None
     Uses the modality LUT (HU for CT), then the given window, else the
     source's first window, else the full range of the slice.
     """
-    arr = pydicom.pixels.apply_modality_lut(ds.pixel_array, ds).astype(np.float32)
+    arr = pydicom.pixels.apply_modality_lut(decoded_pixels(ds), ds).astype(np.float32)
     if window is None:
         wc, ww = ds.get("WindowCenter"), ds.get("WindowWidth")
         if wc is not None and ww is not None:

@@ -25,6 +25,7 @@ from highdicom.pr import (
 )
 
 from pipelines.dicom_out.common import (
+    content_description,
     contours,
     fill_tracking_uids,
     product_name,
@@ -82,7 +83,7 @@ def write_gsps(
                     units=AnnotationUnitsValues.PIXEL,
                     tracking_id=seg.key, tracking_uid=seg.tracking_uid,
                 ))
-            texts += [TextObject(text_value=f.caption_text()[:64],
+            texts += [TextObject(text_value=f.legend_text()[:64],
                                  units=AnnotationUnitsValues.PIXEL,
                                  anchor_point=_anchor(outlines, src),
                                  anchor_point_visible=False) for f in findings[:1]]
@@ -120,7 +121,7 @@ def write_gsps(
             software_versions=alg.version,
             device_serial_number="0",
             content_label="AINODE_OUTLINES",
-            content_description=f"{alg.name} {alg.version} lesion outlines"[:64],
+            content_description=content_description(alg, "Outlines"),
             graphic_annotations=annotations,
             graphic_layers=layers,
         )

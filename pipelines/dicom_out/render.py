@@ -27,9 +27,16 @@ __all__ = [
     "CONTEXT_RGB",
     "FINDING_RGB",
     "Layer",
+    "PlacedText",
+    "TextLayout",
     "compose",
+    "font_for",
+    "layout",
+    "legend_key",
     "masks_from_seg",
+    "numbers",
     "render_pngs",
+    "wrap",
 ]
 
 log = logging.getLogger(__name__)
@@ -50,27 +57,149 @@ class Layer:
     rgb: tuple[int, int, int]
 
 
-def compose(gray: npt.NDArray[np.uint8], outlines: Sequence[tuple[npt.NDArray[np.bool_],
-            tuple[int, int, int]]], legend: Sequence[str]) -> Image.Image:
-    """An RGB image: ``gray`` with each mask's boundary pixels painted, legend at the bottom.
+def font_for(width: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """The burned-in font, sized with the image: about 1/36 of its width, 8 px at least.
 
-    Later outlines win where two touch (findings are passed after the context).
+    Why scaled: a fixed 11 px font is a quarter of a 132-px thumbnail's width per
+    few words and unreadably small on a 1024-px image.
     """
-    rgb = np.repeat(gray[:, :, None], 3, axis=2)
+    return ImageFont.load_default(size=max(8, round(width / 36)))
+
+
+def _text_width(font: ImageFont.FreeTypeFont | ImageFont.ImageFont, text: str) -> float:
+    return float(font.getlength(text))
+
+
+def wrap(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
+         max_width: float) -> list[str]:
+    """Greedy word wrap measured with the font; a word wider than a line is split."""
+    lines: list[str] = []
+    current = ""
+    for word in text.split():
+        while _text_width(font, word) > max_width and len(word) > 1:
+            cut = len(word)
+            while cut > 1 and _text_width(font, word[:cut]) > max_width:
+                cut -= 1
+            if current:
+                lines.append(current)
+                current = ""
+            lines.append(word[:cut])
+            word = word[cut:]
+        trial = f"{current} {word}".strip()
+        if _text_width(font, trial) <= max_width:
+            current = trial
+        else:
+            lines.append(current)
+            current = word
+    if current:
+        lines.append(current)
+    return lines
+
+
+@dataclass(frozen=True, slots=True)
+class PlacedText:
+    """One line of burned-in text: where it starts (x, y) and what it says."""
+
+    x: int
+    y: int
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class TextLayout:
+    """Where every burned-in line goes; computed before drawing, so a test can measure it."""
+
+    font: ImageFont.FreeTypeFont | ImageFont.ImageFont
+    band_height: int  # rows added below the image for the legend
+    legend: tuple[PlacedText, ...]
+    labels: tuple[PlacedText, ...]  # numbers beside the outlines, on the image
+    keys: tuple[tuple[int, int, int, tuple[int, int, int], str], ...]  # swatch x, y, size, rgb
+
+    def right_edges(self) -> list[float]:
+        """The right end of every line, as the font draws it (its bounding box)."""
+        return [p.x + float(self.font.getbbox(p.text)[2])
+                for p in (*self.legend, *self.labels)]
+
+
+def _label_spot(mask: npt.NDArray[np.bool_], text: str, font: ImageFont.FreeTypeFont
+                | ImageFont.ImageFont, width: int, height: int) -> PlacedText:
+    """Beside the outline: to its right, else to its left, always inside the image."""
+    rows, cols = np.nonzero(mask)
+    left, top, right = int(cols.min()), int(rows.min()), int(cols.max())
+    w = _text_width(font, text)
+    bbox = font.getbbox(text)
+    h = int(bbox[3])
+    x = right + 3 if right + 3 + w <= width - 1 else left - 3 - w
+    x = int(min(max(x, 1), width - 1 - w))
+    y = int(min(max(top - h // 2, 1), height - 1 - h))
+    return PlacedText(x, y, text)
+
+
+def layout(width: int, height: int, legend: Sequence[str],
+           labels: Sequence[tuple[npt.NDArray[np.bool_], str]] = (),
+           key: Sequence[tuple[tuple[int, int, int], str]] = ()) -> TextLayout:
+    """The legend wrapped to the width on a band below the image, numbers by the outlines.
+
+    The band is outside the anatomy by construction: the source pixels keep
+    their rows and columns, so outlines stay pixel-exact on the mask edges.
+    """
+    font = font_for(width)
+    margin = max(2, width // 100)
+    line_h = int(font.getbbox("Ag")[3]) + max(1, width // 200)
+    placed: list[PlacedText] = []
+    keys: list[tuple[int, int, int, tuple[int, int, int], str]] = []
+    y = margin
+    if key:
+        swatch = max(4, line_h - 4)
+        x = margin
+        for rgb, name in key:
+            need = swatch + 3 + _text_width(font, name) + 2 * margin
+            if x > margin and x + need > width - margin:
+                x, y = margin, y + line_h
+            keys.append((x, y + (line_h - swatch) // 2, swatch, rgb, name))
+            placed.append(PlacedText(int(x + swatch + 3), y, name))
+            x += int(need)
+        y += line_h
+    for text in legend:
+        for line in wrap(text, font, width - 2 * margin):
+            placed.append(PlacedText(margin, y, line))
+            y += line_h
+    band = y + margin if placed else 0
+    spots = tuple(_label_spot(m, t, font, width, height) for m, t in labels if m.any())
+    return TextLayout(font, band, tuple(placed), spots, tuple(keys))
+
+
+def compose(gray: npt.NDArray[np.uint8], outlines: Sequence[tuple[npt.NDArray[np.bool_],
+            tuple[int, int, int]]], legend: Sequence[str],
+            labels: Sequence[tuple[npt.NDArray[np.bool_], str]] = (),
+            key: Sequence[tuple[tuple[int, int, int], str]] = ()) -> Image.Image:
+    """An RGB image: ``gray`` with outlines and numbers, the legend on a band below it.
+
+    ``labels``: (mask, text) drawn beside each outline (the lesion's number);
+    ``key``: (colour, name) swatches heading the legend. Outlines are painted
+    last, so they stay exactly on the mask edges even where a number touches
+    them; later outlines win where two touch (findings come after the context).
+    """
+    height, width = gray.shape
+    plan = layout(width, height, legend, labels, key)
+    img = Image.new("RGB", (width, height + plan.band_height), _LEGEND_BG)
+    img.paste(Image.fromarray(gray, mode="L").convert("RGB"), (0, 0))
+    draw = ImageDraw.Draw(img)
+    stroke = 1 if width >= 200 else 0
+    for p in plan.labels:
+        draw.text((p.x, p.y), p.text, fill=_LEGEND_FG, font=plan.font,
+                  stroke_width=stroke, stroke_fill=_LEGEND_BG)
+    for p in plan.legend:
+        draw.text((p.x, height + p.y), p.text, fill=_LEGEND_FG, font=plan.font)
+    for x, y, size, rgb, _ in plan.keys:
+        # Swatches are a shade off the outline colours, so a pixel of pure
+        # FINDING_RGB / CONTEXT_RGB is always an outline pixel.
+        shade = tuple(max(0, c - 40) if c else 0 for c in rgb)
+        draw.rectangle([x, height + y, x + size, height + y + size], fill=shade)
+    rgb_px = np.asarray(img).copy()
     for mask, colour in outlines:
-        rgb[edge_mask(mask)] = colour
-    img = Image.fromarray(rgb, mode="RGB")
-    if legend:
-        draw = ImageDraw.Draw(img)
-        font = ImageFont.load_default()
-        line_h = 12
-        height = line_h * len(legend) + 6
-        top = img.height - height
-        width = min(img.width, 8 + 7 * max(len(t) for t in legend))
-        draw.rectangle([0, top, width, img.height - 1], fill=_LEGEND_BG)
-        for i, text in enumerate(legend):
-            draw.text((4, top + 3 + i * line_h), text, fill=_LEGEND_FG, font=font)
-    return img
+        rgb_px[:height][edge_mask(mask)] = colour
+    return Image.fromarray(rgb_px, mode="RGB")
 
 
 def masks_from_seg(seg_ds: pydicom.Dataset, source_uids: Sequence[str]) -> list[Layer]:
@@ -103,6 +232,32 @@ def masks_from_seg(seg_ds: pydicom.Dataset, source_uids: Sequence[str]) -> list[
     return layers
 
 
+def _word(label: str) -> str:
+    return (label.split() or ["finding"])[0].lower()
+
+
+def legend_key(layers: Sequence[Layer]) -> list[tuple[tuple[int, int, int], str]]:
+    """One swatch per kind of outline: each anatomy by name, then the findings' word."""
+    key: list[tuple[tuple[int, int, int], str]] = []
+    for layer in layers:
+        entry = (layer.rgb, layer.label.lower() if layer.rgb == CONTEXT_RGB
+                 else _word(layer.label))
+        if entry not in key:
+            key.append(entry)
+    return key
+
+
+def numbers(layers: Sequence[Layer], z: int) -> list[tuple[npt.NDArray[np.bool_], str]]:
+    """Each finding outline on slice ``z`` with its number (1, 2 ... in the SEG's order).
+
+    The SEG numbers findings in the result's order, which is the pipeline's
+    numbering (the legend's "1: neck, 33 mm"), so the PNG says what the SC says.
+    """
+    findings = [layer for layer in layers if layer.rgb != CONTEXT_RGB]
+    return [(layer.mask[z], str(n)) for n, layer in enumerate(findings, start=1)
+            if layer.mask[z].any()]
+
+
 def render_pngs(
     sources: Sequence[pydicom.Dataset],
     layers: Sequence[Layer],
@@ -118,7 +273,8 @@ def render_pngs(
         outlines = [(layer.mask[z], layer.rgb) for layer in layers if layer.mask[z].any()]
         if not outlines and not all_slices:
             continue
-        img = compose(to_display(src), outlines, legend)
+        img = compose(to_display(src), outlines, legend, labels=numbers(layers, z),
+                      key=legend_key(layers))
         path = out_dir / f"slice_{z:04d}_{src.SOPInstanceUID}.png"
         img.save(path)
         written.append(path)

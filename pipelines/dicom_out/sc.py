@@ -45,7 +45,7 @@ def _orientation(ds: pydicom.Dataset) -> tuple[str, str]:
 def _legend(result: AnalysisResult, z: int) -> list[str]:
     """Product lines, then each finding region on this slice, then the series-level findings."""
     alg = result.algorithm
-    lines = [NOT_FOR_DIAGNOSIS, f"{alg.name} {alg.version}"]
+    lines = [f"{NOT_FOR_DIAGNOSIS} - {alg.name} {alg.version}"]
     for seg in result.finding_segments():
         if seg.mask[z].any():
             lines += [f.legend_text() for f in result.findings_on(seg.key)]
@@ -74,7 +74,12 @@ def write_sc(
         # Regions after the context: where two outlines touch, the finding's wins.
         outlines = [(s.mask[z], CONTEXT_RGB) for s in context if s.mask[z].any()]
         outlines += [(s.mask[z], FINDING_RGB) for s in regions if s.mask[z].any()]
-        img = compose(to_display(src), outlines, _legend(result, z))
+        labels = [(s.mask[z], f.caption_text()) for s in regions if s.mask[z].any()
+                  for f in result.findings_on(s.key)[:1]]
+        key = [(CONTEXT_RGB, s.label.lower()) for s in context]
+        key += [(FINDING_RGB, (s.label.split() or ["finding"])[0].lower()) for s in regions]
+        img = compose(to_display(src), outlines, _legend(result, z), labels=labels,
+                      key=list(dict.fromkeys(key)))
         spacing = src.get("PixelSpacing")
         try:
             sc = hd.sc.SCImage(

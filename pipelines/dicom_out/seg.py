@@ -20,6 +20,7 @@ import pydicom
 from pipelines.dicom_out import codes
 from pipelines.dicom_out.common import (
     SegmentPlan,
+    content_description,
     fill_tracking_uids,
     plan_segments,
     product_name,
@@ -121,7 +122,7 @@ def write_seg(
             manufacturer_model_name=product_name(alg)[:64],
             software_versions=alg.version,
             device_serial_number="0",
-            content_description=f"{alg.name} {alg.version}; {alg.intended_use}"[:64],
+            content_description=content_description(alg, "Segmentation"),
             content_label="AINODE_SEG",
             omit_empty_frames=True,
         )

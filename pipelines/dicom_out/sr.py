@@ -44,9 +44,11 @@ from pipelines.results import (
     MILLILITER,
     MILLIMETER,
     NO_UNITS,
+    RESEARCH_DISCLAIMER,
     VOLUME,
     AnalysisResult,
     ScoredFinding,
+    people_probability,
 )
 from storage.errors import PipelineError
 
@@ -55,11 +57,16 @@ __all__ = ["write_sr"]
 SERIES_LEVEL = "patient-level"  # tracking identifier of a group made for the impression
 
 
-def _text(value: str) -> TextContentItem:
+def _text(value: str, name: object = None) -> TextContentItem:
     return TextContentItem(
-        name=codes.IMPRESSION, value=value[:1024],
+        name=name or codes.IMPRESSION, value=value[:1024],  # type: ignore[arg-type]
         relationship_type=RelationshipTypeValues.CONTAINS,
     )
+
+
+def _people(value: float, unit: object) -> float:
+    """Unitless scores (probabilities, confidences) as people read them: 0.59."""
+    return (people_probability(value) or 0.0) if unit == NO_UNITS else value
 
 
 def _measurements(f: ScoredFinding, alg: AlgorithmIdentification,
@@ -72,7 +79,8 @@ def _measurements(f: ScoredFinding, alg: AlgorithmIdentification,
         items.append((VOLUME, float(f.volume_ml), MILLILITER))
     items.append((f.concept, float(f.probability), NO_UNITS))
     items += [(m.concept, float(m.value), m.unit) for m in f.measurements]
-    return [Measurement(name=codes.concept(name), value=value, unit=codes.concept(unit),
+    return [Measurement(name=codes.concept(name), value=_people(value, unit),
+                        unit=codes.concept(unit),
                         algorithm_id=alg, finding_sites=sites)
             for name, value, unit in items]
 
@@ -126,20 +134,26 @@ def write_sr(
     procedure = codes.PROCEDURE_MR if modality == "MR" else codes.PROCEDURE_CT
 
     series_level = next((f for f in result.findings if f.segment is None), None)
+    # The report's own words, in the series-level group: what the result is (research
+    # output), then what it supersedes, then the impression.
+    frame = [_text(f"{RESEARCH_DISCLAIMER}: research output of {algo.name} "
+                   f"{algo.version}, not reviewed by a physician.", codes.COMMENT)]
+    frame += [_text(note, codes.COMMENT) for note in result.notes]
+    frame.append(_text(result.summary()))
     groups: list[object] = []
     if series_level is None:
         groups.append(MeasurementsAndQualitativeEvaluations(
             tracking_identifier=TrackingIdentifier(uid=hd.UID(), identifier=SERIES_LEVEL),
             algorithm_id=alg,
         ))
-        groups[0][0].ContentSequence.append(_text(result.summary()))  # type: ignore[index]
+        groups[0][0].ContentSequence.extend(frame)  # type: ignore[index]
     for f in result.findings:
         number = plan.numbers.get(f.segment) if f.segment is not None else None
         group = _group(f, alg, seg, number)
         if f.text:
             group[0].ContentSequence.append(_text(f.text))  # type: ignore[index]
         if f is series_level:
-            group[0].ContentSequence.append(_text(result.summary()))  # type: ignore[index]
+            group[0].ContentSequence.extend(frame)  # type: ignore[index]
         groups.append(group)
 
     observer = ObserverContext(

@@ -20,18 +20,21 @@ from pipelines.results import (
     HOUNSFIELD_UNIT,
     MEAN_ATTENUATION,
     NO_UNITS,
-    PROBABILITY,
     AlgorithmInfo,
     AnalysisResult,
     Code,
     Measurement,
     ScoredFinding,
     Segment,
+    probability_text,
 )
 
 __all__ = [
+    "LESION_CONFIDENCE",
+    "LESION_CONFIDENCE_NAME",
     "PANCREAS",
     "PATIENT_KEY",
+    "PATIENT_PROBABILITY_NAME",
     "PDAC_PROBABILITY",
     "TUMOUR_TYPES",
     "TUMOUR_TYPE_CONCEPTS",
@@ -40,6 +43,7 @@ __all__ = [
     "PancreasReport",
     "lesion_text",
     "location_concept",
+    "probability_label",
 ]
 
 PancreasLocation = Literal["head", "neck", "body", "tail"]
@@ -52,7 +56,23 @@ ANATOMICAL_STRUCTURE = Code("SCT", "91723000", "Anatomical Structure")
 MORPHOLOGICALLY_ABNORMAL = Code("SCT", "49755003", "Morphologically Abnormal Structure")
 PANCREAS = Code("SCT", "15776009", "Pancreas")
 NEOPLASM = Code("SCT", "108369006", "Neoplasm")
-PDAC_PROBABILITY = Code("DCM", "111047", "Probability of cancer")
+# The two scores a reader sees, each named once, here: every sentence, label, legend
+# and SR concept below takes its words from probability_label(). (Issue 20's
+# calibration qualifies them here too.)
+PATIENT_PROBABILITY_NAME = "Patient-level PDAC probability"
+LESION_CONFIDENCE_NAME = "Lesion confidence"
+
+
+def probability_label(kind: Literal["patient", "lesion"]) -> str:
+    """The name of the score of a patient-level or a lesion finding, as readers see it."""
+    return PATIENT_PROBABILITY_NAME if kind == "patient" else LESION_CONFIDENCE_NAME
+
+
+# Private codes (scheme 99AINODE): DCM 111047 "Probability of cancer" and 122157
+# "Probability" read in a viewer as two more probabilities of one thing; these say
+# which score it is.
+PDAC_PROBABILITY = Code("99AINODE", "PT-PDAC", probability_label("patient"))
+LESION_CONFIDENCE = Code("99AINODE", "LES-CONF", probability_label("lesion"))
 
 # Parts of the pancreas (SNOMED CT body structures). SNOMED has a "neck of
 # pancreas" concept but its identifier is not in pydicom's dictionary and we
@@ -67,12 +87,14 @@ _LOCATIONS: dict[str, Code] = {
 
 # Probabilities of each tumour type, in TUMOUR_TYPES order. Private to the
 # node (coding scheme "99AINODE"): no standard code says "probability of PNET".
+# Named as the classifier's class shares, not as "probability of PDAC": the
+# patient-level PDAC probability is another number (it also weighs the lesion map).
 TUMOUR_TYPE_CONCEPTS: dict[str, Code] = {
-    "normal": Code("99AINODE", "TT-NORMAL", "Probability of no pancreatic tumour"),
-    "PDAC": Code("99AINODE", "TT-PDAC", "Probability of PDAC"),
-    "PNET": Code("99AINODE", "TT-PNET", "Probability of PNET"),
-    "IPMN": Code("99AINODE", "TT-IPMN", "Probability of IPMN"),
-    "other_benign": Code("99AINODE", "TT-OTHER", "Probability of other benign lesion"),
+    "normal": Code("99AINODE", "TT-NORMAL", "Tumour-type classifier share: no tumour"),
+    "PDAC": Code("99AINODE", "TT-PDAC", "Tumour-type classifier share: PDAC"),
+    "PNET": Code("99AINODE", "TT-PNET", "Tumour-type classifier share: PNET"),
+    "IPMN": Code("99AINODE", "TT-IPMN", "Tumour-type classifier share: IPMN"),
+    "other_benign": Code("99AINODE", "TT-OTHER", "Tumour-type classifier share: other benign"),
 }
 
 
@@ -109,8 +131,8 @@ class Lesion:
 
 def lesion_text(les: Lesion) -> str:
     where = f"pancreatic {les.location}" if les.location else "the pancreas region"
-    return (f"Suspicious lesion in {where}, {les.diameter_mm:.0f} mm, "
-            f"probability {les.confidence:.2f}")
+    return (f"Suspicious lesion {les.index} in {where}, {les.diameter_mm:.0f} mm, "
+            f"{probability_label('lesion').lower()} {probability_text(les.confidence)}")
 
 
 def _types(probabilities: dict[str, float] | None) -> tuple[Measurement, ...]:
@@ -145,13 +167,12 @@ class PancreasReport:
         """One line per finding, the way the SR text and the CLI say it."""
         if self.not_assessable is not None:
             return f"Not assessable: {self.not_assessable}"
+        patient = f"{probability_label('patient')} {probability_text(self.patient_score)}"
         if not self.pancreas_found:
-            return f"Pancreas not found; no assessment possible (score {self.patient_score:.2f})"
+            return "Pancreas not found; no assessment possible"
         if not self.lesions:
-            return (
-                f"No suspicious pancreatic lesion found (PDAC probability {self.patient_score:.2f})"
-            )
-        return "; ".join(lesion_text(les) for les in self.lesions)
+            return f"No suspicious pancreatic lesion found; {patient[0].lower()}{patient[1:]}"
+        return f"{patient}. " + "; ".join(lesion_text(les) for les in self.lesions)
 
     def to_result(self) -> AnalysisResult:
         """The generic result: the gland and each lesion as segments, the scores as findings.
@@ -174,10 +195,10 @@ class PancreasReport:
             segments.append(Segment("pancreas", "Pancreas", ANATOMICAL_STRUCTURE, PANCREAS,
                                     self.pancreas_mask))
         patient = ScoredFinding(
-            key=PATIENT_KEY, label="PDAC probability", concept=PDAC_PROBABILITY,
+            key=PATIENT_KEY, label=probability_label("patient"), concept=PDAC_PROBABILITY,
             probability=float(self.patient_score), kind="patient", site=PANCREAS,
             measurements=_types(self.classification),
-            legend=f"PDAC probability {self.patient_score:.2f}",
+            legend=f"{probability_label('patient')} {probability_text(self.patient_score)}",
             details={"pancreas_found": self.pancreas_found,
                      "classification": self.classification or {}},
         )
@@ -185,7 +206,7 @@ class PancreasReport:
         for les in self.lesions:
             where = f" ({les.location})" if les.location else ""
             segments.append(Segment(
-                les.key, f"Lesion {les.index}{where} p={les.confidence:.2f}",
+                les.key, f"Lesion {les.index}{where} conf {probability_text(les.confidence)}",
                 MORPHOLOGICALLY_ABNORMAL, NEOPLASM, les.mask,
                 probability=self.lesion_probability,
                 anatomic_region=location_concept(les.location),
@@ -194,16 +215,16 @@ class PancreasReport:
             hu = () if les.mean_hu is None else (
                 Measurement(MEAN_ATTENUATION, float(les.mean_hu), HOUNSFIELD_UNIT),)
             findings.append(ScoredFinding(
-                key=les.key, label=les.label, concept=PROBABILITY,
+                key=les.key, label=les.label, concept=LESION_CONFIDENCE,
                 probability=float(les.confidence), kind="lesion", segment=les.key,
                 finding_type=NEOPLASM, site=location_concept(les.location),
                 location=les.location, size_mm=float(les.diameter_mm),
                 volume_ml=float(les.volume_ml),
                 measurements=(*hu, *_types(les.type_probabilities)),
                 text=lesion_text(les),
-                caption=f"L{les.index} p={les.confidence:.2f}",
-                legend=f"L{les.index}: {les.location or 'pancreas region'}, "
-                       f"{les.diameter_mm:.0f} mm, p={les.confidence:.2f}",
+                caption=f"{les.index}",
+                legend=f"{les.index}: {les.location or 'pancreas region'}, "
+                       f"{les.diameter_mm:.0f} mm, conf {probability_text(les.confidence)}",
                 tracking_uid=les.tracking_uid,
                 details={"index": les.index, "centroid_lps_mm": list(les.centroid_lps_mm),
                          "type_probabilities": les.type_probabilities or {},
