@@ -3,7 +3,8 @@
 Start-up order is chosen for crash recovery: staging files left by a killed
 node are removed first (they were never acknowledged), the schema is brought
 to head, the files of the last instances received are checked against their
-rows (``storage.ingest.verify_recent``), and only then does the port open. The scheduler runs series
+rows (``storage.ingest.verify_recent``), spool files without a row are removed
+(``sweep_unrecorded``), and only then does the port open. The scheduler runs series
 completion every second and the orchestration tasks (routing, requeueing
 orphaned jobs, sending results, spool retention) on their own intervals; every
 task is node.orchestration's, so there is one ``close_series``.
@@ -23,13 +24,14 @@ from datetime import UTC
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from node.audit_trail import AuditTrail
 from node.config import NodeConfig
 from node.network.pool import ReceiverPool, default_workers
 from storage import migrate
 from storage.db import Database
 from storage.errors import ConfigError
 from storage.filestore import FileStore
-from storage.ingest import verify_recent
+from storage.ingest import sweep_unrecorded, verify_recent
 
 __all__ = ["NodeService", "default_workers"]
 
@@ -55,6 +57,7 @@ class NodeService:
         self.run_jobs = run_jobs
         self._jobs_stop = threading.Event()
         self._jobs_thread: threading.Thread | None = None
+        self._audit_trail: AuditTrail | None = None
 
     @property
     def port(self) -> int:
@@ -70,6 +73,7 @@ class NodeService:
                         extra={"count": len(removed)})
         migrate.upgrade(self.db)
         verify_recent(self.db, self.store)
+        sweep_unrecorded(self.db, self.store)
         try:
             self.receivers.start()
         except BaseException:
@@ -102,6 +106,7 @@ class NodeService:
         # worker thread below claims jobs as soon as they are queued.
         register_tasks(self.scheduler, services,
                        {"close_series": self.completion_interval_s})
+        self._start_audit_trail()
         if self.run_jobs:
             worker = Worker(self.db, self.store, self.config)
             requeued = worker.recover()
@@ -114,6 +119,15 @@ class NodeService:
                 name="ainode-jobs", daemon=True,
             )
             self._jobs_thread.start()
+
+    def _start_audit_trail(self) -> None:
+        """Seal audit rows onto the hash chain (and forward them) on the scheduler."""
+        trail = AuditTrail(self.config.audit, self.db, source_id=self.config.dicom.ae_title)
+        trail.tick()  # rows written while the node was down (CLI commands)
+        self.scheduler.add_job(trail.tick, "interval", seconds=self.config.audit.seal_interval_s,
+                               id="audit-seal", max_instances=1, coalesce=True,
+                               replace_existing=True)
+        self._audit_trail = trail
 
     def stop(self, grace_s: float = 10.0) -> None:
         """Stop accepting, let stores in flight finish, stop workers, then the scheduler.
@@ -128,6 +142,10 @@ class NodeService:
         if self._jobs_thread is not None:
             self._jobs_thread.join(timeout=grace_s)
             self._jobs_thread = None
+        if self._audit_trail is not None:
+            self._audit_trail.tick()  # the last rows, sealed before the process ends
+            self._audit_trail.close()
+            self._audit_trail = None
         self.db.dispose()
         log.info("node stopped")
 

@@ -51,7 +51,7 @@ from node.network.reactor import (
     handlers_bound,
     make_event_driven,
 )
-from node.network.tls import server_context
+from node.network.tls import handshake_reason, server_context
 from storage.audit import audit
 from storage.db import Database
 from storage.errors import ConfigError, ConflictError, InputError, OutOfSpaceError, StorageError
@@ -478,43 +478,65 @@ class _RequestHandler(RequestHandler):
 
 
 class _Server(ThreadedAssociationServer):
-    """pynetdicom's threaded server plus TCP_NODELAY and, in a node with several
-    receiver processes, the hand-over of connections (node.network.dispatch).
+    """pynetdicom's threaded server plus TCP_NODELAY, the TLS handshake on the
+    connection's own thread and, in a node with several receiver processes, the
+    hand-over of connections (node.network.dispatch).
 
     TCP_NODELAY: a C-STORE response is a small PDU; Nagle would hold it back.
+    The handshake: pynetdicom performs it in ``get_request``, on the one
+    acceptor thread, without a timeout, so a peer that opens a TCP connection
+    to the TLS port and sends nothing (or one byte a second) would stop every
+    other connection from being accepted. Here it runs where the association
+    will, bounded by the ACSE timeout, and a refused one is audited.
     """
 
     dispatcher: Dispatcher | None = None  # main process: pass connections on
     on_end: Callable[[], None] | None = None  # receiver process: report ended associations
+    db: Database | None = None  # where refused handshakes are audited
+    handshake_timeout_s: float = 30.0
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        if self.dispatcher is None:
-            sock, address = super().get_request()  # TLS-wrapped here when configured
-        else:
-            # The TLS handshake waits for the process that will serve the connection.
-            sock, address = cast(socket.socket, self.socket).accept()
+        sock, address = cast(socket.socket, self.socket).accept()
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock, address
 
     def process_request(self, request: Any, client_address: Any) -> None:
         dispatcher = self.dispatcher
-        if dispatcher is not None:
-            if dispatcher.hand_over(request, client_address):
-                request.close()  # our copy; never shutdown(), the connection lives on
-                return
-            try:
-                request = self.wrap(request)
-            except OSError as exc:
-                dispatcher.local_done()
-                log.warning("TLS handshake failed", extra={"error": str(exc)})
-                request.close()
-                return
+        if dispatcher is not None and dispatcher.hand_over(request, client_address):
+            request.close()  # our copy; never shutdown(), the connection lives on
+            return
         super().process_request(request, client_address)
 
-    def wrap(self, sock: socket.socket) -> socket.socket:
+    def finish_request(self, request: Any, client_address: Any) -> None:
         context = self.ssl_context
-        return context.wrap_socket(sock, server_side=True) if context else sock
+        if context is not None:
+            try:
+                request = self._handshake(context, request)
+            except (OSError, ssl.SSLError) as exc:
+                self._refused(exc, client_address)
+                self.association_ended()
+                return
+        super().finish_request(request, client_address)
+
+    def _handshake(self, context: ssl.SSLContext, sock: socket.socket) -> ssl.SSLSocket:
+        timeout = sock.gettimeout()
+        sock.settimeout(self.handshake_timeout_s)
+        tls = context.wrap_socket(sock, server_side=True)
+        tls.settimeout(timeout)
+        return tls
+
+    def _refused(self, exc: BaseException, address: Any) -> None:
+        reason = handshake_reason(exc)
+        host = address[0] if isinstance(address, tuple) else None
+        log.warning("TLS handshake refused", extra={"reason": reason})
+        if self.db is None:
+            return
+        try:
+            with self.db.session() as s:
+                audit(s, "tls.refused", outcome="failure", host=host, reason=reason)
+        except SQLAlchemyError:
+            log.exception("could not audit a refused TLS handshake")
 
     def association_ended(self) -> None:
         if self.dispatcher is not None:
@@ -593,6 +615,8 @@ class Receiver:
         self._server = cast(_Server, server)
         self._server.dispatcher = self.dispatcher
         self._server.on_end = self.on_end
+        self._server.db = db
+        self._server.handshake_timeout_s = s.acse_timeout_s
         if self.adopt_only:
             cast(socket.socket, self._server.socket).close()
             return
@@ -604,17 +628,12 @@ class Receiver:
                         "tls": s.tls.enabled})
 
     def adopt(self, sock: socket.socket, address: tuple[str, int]) -> None:
-        """Serve a connection another process accepted (TLS handshake here)."""
+        """Serve a connection another process accepted (the TLS handshake happens here)."""
         server = self._server
         if server is None:
             sock.close()
             raise RuntimeError("receiver not started")
-        try:
-            sock = server.wrap(sock)
-        except OSError:
-            sock.close()
-            raise
-        server.process_request(sock, address)
+        server.process_request(sock, address)  # the TLS handshake runs on its thread
 
     def stop(self, grace_s: float = 10.0) -> None:
         """Stop accepting, give running associations ``grace_s`` to finish, abort the rest.

@@ -111,6 +111,7 @@ def peer_for(dest: Destination, config: NodeConfig) -> Peer:
         name=dest.name, ae_title=dest.ae_title, host=dest.host, port=dest.port,
         calling_ae_title=dest.calling_ae_title or d.ae_title, tls=dest.tls,
         cert_file=tls.cert_file, key_file=tls.key_file, ca_file=tls.ca_file,
+        key_password=tls.passphrase(),
         acse_timeout_s=d.acse_timeout_s, dimse_timeout_s=d.dimse_timeout_s,
         network_timeout_s=d.network_timeout_s,
     )

@@ -21,12 +21,14 @@ from pydicom.errors import InvalidDicomError
 from storage.dicom_values import json_value
 from storage.errors import InputError
 from storage.filestore import valid_uid
+from storage.ingest.pixels import check_native_pixel_length
 from storage.part10 import scan as part10_scan
 
 __all__ = [
     "ROUTING_KEYWORDS",
     "InstanceHeader",
     "header_attributes",
+    "read_checked_header",
     "read_file_header",
     "read_header",
     "routing_attributes",
@@ -66,9 +68,12 @@ ROUTING_KEYWORDS: tuple[str, ...] = (
 )
 _IDENTITY_KEYWORDS = ("PatientID", "PatientName", "AccessionNumber", "StudyDate")
 _UID_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
-_HEADER_TAGS = list(
-    dict.fromkeys(_UID_KEYWORDS + ROUTING_KEYWORDS + _IDENTITY_KEYWORDS + ("InstanceNumber",))
-)
+# The image geometry, for the native Pixel Data length check (storage.ingest.pixels).
+_GEOMETRY_KEYWORDS = ("SamplesPerPixel", "BitsAllocated", "NumberOfFrames")
+_HEADER_TAGS = list(dict.fromkeys(
+    _UID_KEYWORDS + ROUTING_KEYWORDS + _IDENTITY_KEYWORDS + ("InstanceNumber",)
+    + _GEOMETRY_KEYWORDS
+))
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,10 +131,21 @@ def read_header(part10: bytes) -> InstanceHeader:
     by pydicom. Raises InputError naming what is wrong; never returns a
     header whose UIDs could not serve as spool path components.
     """
+    return _header(_values(part10))
+
+
+def read_checked_header(part10: bytes, transfer_syntax_uid: str) -> InstanceHeader:
+    """``read_header``, and refuse native Pixel Data whose length disagrees with the
+    geometry (InputError): what the receiver reads before it writes anything."""
+    values = _values(part10)
+    header = _header(values)
+    check_native_pixel_length(part10, transfer_syntax_uid, values)
+    return header
+
+
+def _values(part10: bytes) -> dict[str, Any]:
     values = part10_scan(part10, _HEADER_TAGS)
-    if values is None:
-        values = _pydicom_values(part10)
-    return _header(values)
+    return values if values is not None else _pydicom_values(part10)
 
 
 def _header(values: dict[str, Any]) -> InstanceHeader:

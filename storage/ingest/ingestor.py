@@ -21,7 +21,7 @@ from storage.db import Database
 from storage.errors import ConflictError, InputError, OutOfSpaceError, StorageError
 from storage.filestore import FileStore, StoredFile, valid_uid
 from storage.ingest.committer import GroupCommitter, Peer, Recorded, Row
-from storage.ingest.header import InstanceHeader, read_header
+from storage.ingest.header import InstanceHeader, read_checked_header
 from storage.ingest.recovery import remove_rows
 from storage.models import Instance
 
@@ -67,7 +67,8 @@ class Ingestor:
     ) -> IngestResult:
         """Persist one instance (file + rows + audit) before the caller acknowledges it.
 
-        Raises OutOfSpaceError (nothing written), InputError (nothing written),
+        Raises OutOfSpaceError (nothing written), InputError (nothing written; also
+        native Pixel Data whose length disagrees with its geometry),
         ConflictError (the new bytes kept in quarantine) or StorageError; each
         refusal is audited before it is raised.
         """
@@ -78,7 +79,7 @@ class Ingestor:
                                 sop_instance_uid=affected_sop_instance_uid)
             raise
         try:
-            header = read_header(part10)
+            header = read_checked_header(part10, transfer_syntax_uid)
             if (affected_sop_instance_uid
                     and affected_sop_instance_uid.strip() != header.sop_instance_uid):
                 raise InputError("dataset SOP Instance UID differs from the C-STORE request")
