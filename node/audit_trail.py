@@ -84,11 +84,20 @@ class SyslogTLS:
             self.close()
             raise
 
-    def close(self) -> None:
+    def close(self, linger_s: float = 2.0) -> None:
+        """Close so that what was sent arrives: FIN first, then drain what the collector
+        sent (TLS 1.3 session tickets). Closing with unread data would send a TCP reset,
+        which makes the collector's kernel drop messages it had not read yet."""
         sock, self._sock = self._sock, None
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.close()
+        if sock is None:
+            return
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+            sock.settimeout(linger_s)
+            while sock.recv(4096):
+                pass
+        with contextlib.suppress(OSError):
+            sock.close()
 
 
 class AuditTrail:

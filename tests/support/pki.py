@@ -33,6 +33,7 @@ def _leaf(d: Path, name: str, ca: str, days: str) -> None:
 def make_pki(d: Path) -> Path:
     """``ca``, ``node``, ``client`` (signed by ca), ``expired`` (signed by ca, expired a day
     ago), ``rogue_ca`` and ``stranger`` (signed by rogue_ca): .crt and .key each."""
+    d.mkdir(parents=True, exist_ok=True)
     _ca(d, "ca")
     _ca(d, "rogue_ca")
     for name in ("node", "client", "syslog"):
