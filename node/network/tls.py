@@ -72,7 +72,7 @@ def handshake_reason(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"certificate: {exc.verify_message}"
     if isinstance(exc, ssl.SSLError):
-        return str(exc.reason or exc.__class__.__name__).lower()
+        return str(exc.reason or exc.__class__.__name__).lower().replace("_", " ")
     if isinstance(exc, TimeoutError):
         return "handshake timed out"
     return exc.__class__.__name__
