@@ -154,6 +154,8 @@ class DicomConfig(_Section):
     acse_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     dimse_timeout_s: Annotated[float, Field(gt=0)] = 60.0
     network_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    max_connections_per_host_per_minute: Annotated[int, Field(ge=0)] = Field(
+        default=0, description="per calling host, burst as large; 0: no limit")
     tls: TLSConfig = Field(default_factory=TLSConfig)
 
     @field_validator("max_pdu")
