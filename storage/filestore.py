@@ -16,6 +16,7 @@ acknowledged after the rename is durable.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import itertools
@@ -28,7 +29,7 @@ from pathlib import Path
 
 from storage.errors import InputError, OutOfSpaceError, StorageError
 
-__all__ = ["FileStore", "HeldFile", "StoredFile", "atomic_write", "valid_uid"]
+__all__ = ["FileStore", "HeldFile", "StoredFile", "atomic_write", "valid_uid", "write_error"]
 
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _TMP_PREFIX = ".part-"
@@ -40,6 +41,14 @@ def valid_uid(uid: str) -> bool:
     Also what makes a UID safe as a path component (no '/', no '..').
     """
     return 0 < len(uid) <= 64 and _UID.match(uid) is not None
+
+
+def write_error(what: str, exc: OSError) -> StorageError:
+    """ENOSPC/EDQUOT as OutOfSpaceError (the sender is told Out of Resources, 0xA700,
+    and may retry later); every other failure as StorageError."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OutOfSpaceError(f"{what}: the file system is full")
+    return StorageError(f"{what}: {exc.strerror}")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -286,7 +295,7 @@ class FileStore:
         except FileExistsError:
             raise
         except OSError as exc:
-            raise StorageError(f"cannot write {rel}: {exc.strerror}") from exc
+            raise write_error(f"cannot write {rel}", exc) from exc
         return HeldFile(StoredFile(target, rel, size, sha), fd, synced=sync)
 
     def lock_existing(self, relpath: str) -> HeldFile:

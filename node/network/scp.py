@@ -200,8 +200,8 @@ def handle_store(event: evt.Event, ingestor: Ingestor) -> int | Dataset:
             peer=_peer(event),
             affected_sop_instance_uid=sop_uid or None,
         )
-    except OutOfSpaceError:
-        return _status(status.OUT_OF_RESOURCES, "out of resources: disk below free-space floor")
+    except OutOfSpaceError as exc:
+        return _status(status.OUT_OF_RESOURCES, f"out of resources: {exc}")
     except InputError as exc:
         return _status(status.BAD_IDENTIFIERS, f"cannot understand: {exc}")
     except ConflictError:
