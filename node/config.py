@@ -239,6 +239,15 @@ class DestinationConfig(_Section):
     tls: bool = False
 
 
+class SendConfig(_Section):
+    """How sending to destinations retries (node.send.RetryPolicy)."""
+
+    retry_base_s: Annotated[float, Field(gt=0)] = 30.0
+    retry_ceiling_s: Annotated[float, Field(gt=0)] = 3600.0
+    retry_max_attempts: Annotated[int, Field(ge=1)] = 20
+    retry_jitter: Annotated[float, Field(ge=0, lt=1)] = 0.2
+
+
 class SyslogConfig(_Section):
     """Forwarding of audit messages to a collector over TLS (RFC 5425), as IHE ATNA does."""
 
@@ -308,6 +317,7 @@ class NodeConfig(BaseSettings):
     series: SeriesConfig = Field(default_factory=SeriesConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     destinations: list[DestinationConfig] = Field(default_factory=list)
+    send: SendConfig = Field(default_factory=SendConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
 
