@@ -51,6 +51,14 @@ def write_error(what: str, exc: OSError) -> StorageError:
     return StorageError(f"{what}: {exc.strerror}")
 
 
+def _owner_only(path: Path) -> None:
+    """chmod 0700 a directory this user owns (a data dir made earlier with a looser umask)."""
+    with contextlib.suppress(OSError):
+        st = path.stat()
+        if st.st_uid == os.getuid() and st.st_mode & 0o077:
+            path.chmod(0o700)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -230,8 +238,10 @@ class FileStore:
         self.quarantine = self.data_dir / "quarantine"
         self.tmp = self.data_dir / "tmp"
         self.min_free_bytes = min_free_mb * 1024 * 1024
-        for d in (self.spool, self.results, self.quarantine, self.tmp):
-            d.mkdir(parents=True, exist_ok=True)
+        # Owner-only: the spool holds patients' images, the database their names.
+        for d in (self.data_dir, self.spool, self.results, self.quarantine, self.tmp):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _owner_only(self.data_dir)
         # Staging must share a filesystem with the target for rename to be atomic.
         self._spool_tmp = self.spool / ".tmp"
         self._spool_tmp.mkdir(exist_ok=True)

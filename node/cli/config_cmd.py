@@ -6,6 +6,7 @@ import json
 
 import typer
 import yaml
+from sqlalchemy.engine import make_url
 
 from node.cli.context import get
 
@@ -24,4 +25,7 @@ def show(ctx: typer.Context, as_json: bool = typer.Option(False, "--json")) -> N
     """Print the effective configuration (file + environment + defaults)."""
     cfg = get(ctx).config
     data = json.loads(cfg.model_dump_json())
+    url = data["storage"].get("database_url")
+    if url:  # a password written into the URL is shown masked, as secrets are
+        data["storage"]["database_url"] = make_url(url).render_as_string(hide_password=True)
     typer.echo(json.dumps(data, indent=2) if as_json else yaml.safe_dump(data, sort_keys=False))
