@@ -20,7 +20,7 @@ import struct
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["decode_store_request", "encode_file_meta", "pixel_data_length", "scan",
+__all__ = ["decode_store_request", "encode_file_meta", "file_meta", "pixel_data_length", "scan",
            "store_response_command"]
 
 _IMPLICIT_LE = "1.2.840.10008.1.2"
@@ -113,6 +113,14 @@ def scan(part10: bytes | memoryview, keywords: Iterable[str]) -> dict[str, Any] 
             if converted is not None:
                 values[kw] = converted
         return values
+    except (_UnsureError, struct.error, UnicodeDecodeError, ValueError):
+        return None
+
+
+def file_meta(part10: bytes | memoryview) -> tuple[str, int] | None:
+    """(Transfer Syntax UID, offset of the data set) of a Part 10 byte string, or None."""
+    try:
+        return _file_meta(memoryview(part10))
     except (_UnsureError, struct.error, UnicodeDecodeError, ValueError):
         return None
 

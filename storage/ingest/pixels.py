@@ -21,7 +21,6 @@ from io import BytesIO
 from typing import Any
 
 import pydicom
-from pydicom.errors import InvalidDicomError
 
 from storage.errors import InputError
 from storage.part10 import pixel_data_length
@@ -62,8 +61,7 @@ def _pydicom_length(part10: bytes) -> int | None:
         if 0x7FE00010 not in ds:
             return None
         raw = ds.get_item(0x7FE00010)
-    except (InvalidDicomError, ValueError, TypeError, KeyError, EOFError, OSError,
-            NotImplementedError, AttributeError) as exc:
+    except Exception as exc:  # hostile bytes: the sender's, never an internal error
         raise InputError(f"unparseable dataset: {exc}") from exc
     length = getattr(raw, "length", None)
     tell = getattr(raw, "value_tell", None)
