@@ -39,6 +39,8 @@ POSTGRES_FIXTURES = frozenset({"postgres_url", "postgres_admin"})
 # suite on the 2-core machine): ``file::function`` for every parametrisation, or
 # one parametrisation's full id. tests/test_markers.py checks that each names a test.
 SLOW: frozenset[str] = frozenset({
+    "tests/test_audit_chain.py::test_audit_verify_cli_exits_1_naming_the_edited_row",
+    "tests/test_audit_chain.py::test_sealed_rows_are_forwarded_to_a_syslog_collector_over_tls",
     "tests/test_cli.py::test_help_lists_the_commands",
     "tests/test_cli.py::test_usage_errors_exit_2",
     "tests/test_config.py::test_cli_rejects_bad_config_with_exit_code_2",
@@ -93,12 +95,17 @@ SLOW: frozenset[str] = frozenset({
     "tests/test_rules_cli.py::test_console_script_exit_codes",
     "tests/test_rules_cli.py::test_refused_changes_to_an_existing_rule_exit_2",
     "tests/test_rules_cli.py::test_refused_input_exits_2",
+    "tests/test_secrets.py::test_a_running_node_never_logs_its_database_password",
+    "tests/test_secrets.py::test_database_password_from_a_file_or_the_environment",
     "tests/test_send.py::test_down_then_refusing_then_back_retried_with_backoff",
     "tests/test_send.py::test_echo_unreachable_raises",
     "tests/test_send.py::test_gives_up_after_max_attempts",
     "tests/test_send.py::test_orthanc_round_trip_all_four_kinds",
+    "tests/test_send_retry_policy.py::test_an_hour_down_then_back_counted_attempts_and_delivery",
     "tests/test_storage_db.py::test_cli_db_upgrade",
+    "tests/test_tls.py::test_sending_to_a_tls_destination_uses_the_profile",
     "tests/test_tls.py::test_tls_associations_in_both_receiver_processes",
+    "tests/test_tls.py::test_tls_refusals_are_audited_and_a_silent_peer_blocks_nobody",
     "tests/test_training.py::test_head_finetune_changes_only_the_classifier",
     "tests/test_training.py::test_head_finetune_on_windows_of_its_own_set",
     "tests/test_training.py::test_refine_continues_the_whole_model_on_more_phantoms",
