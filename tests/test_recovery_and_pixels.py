@@ -125,3 +125,23 @@ def test_a_half_slice_is_refused_audited_and_nothing_written(
     assert row.details["reason"] == "bad_dataset" and "Pixel Data" in row.details["error"]
     with any_db.session() as s:
         assert s.scalar(sa.select(sa.func.count()).select_from(Instance)) == 0
+
+
+def test_render_of_a_series_with_undecodable_pixels_is_a_one_line_refusal(
+    sqlite_db: Database, filestore: FileStore, tmp_path: Path
+) -> None:
+    """A half slice stored before the receiver checked lengths (an older node): `ainode
+    render` says which series and why (InputError, exit 2), not a traceback."""
+    from node.render import render_series
+    from storage.ingest.committer import GroupCommitter, Row
+
+    data = _half_slice(_ct_files()[0])
+    h = read_header(data)
+    stored = filestore.write_instance(h.study_uid, h.series_uid, h.sop_instance_uid, [data])
+    committer = GroupCommitter(sqlite_db)
+    try:
+        committer.submit(Row(h, stored, _EXPLICIT, PEER)).result(timeout=30)
+    finally:
+        committer.close()
+    with pytest.raises(InputError, match="pixel data cannot be decoded"):
+        render_series(sqlite_db, filestore, h.series_uid, tmp_path / "png")
