@@ -92,3 +92,29 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
                 if "ainode.service" in line]
     assert not problems, problems
     assert "UMask=0077" in unit and "StateDirectoryMode=0700" in unit
+
+
+def test_an_encrypted_tls_key_opens_with_its_passphrase_from_a_file_or_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from node.config import NodeConfig
+    from node.network.tls import server_context
+    from storage.errors import ConfigError
+
+    d = tmp_path / "pki"
+    d.mkdir()
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-days", "1",
+                    "-subj", "/CN=node", "-keyout", "node.key", "-out", "node.crt",
+                    "-passout", f"pass:{SECRET}"], cwd=d, check=True, capture_output=True,
+                   timeout=60)
+    pw = tmp_path / "tls_key_password"
+    pw.write_text(SECRET + "\n")
+    tls = {"enabled": True, "cert_file": str(d / "node.crt"), "key_file": str(d / "node.key")}
+    assert server_context(NodeConfig(dicom={"tls": {**tls, "key_password_file": str(pw)}})
+                          .dicom.tls) is not None
+    monkeypatch.setenv("AINODE_DICOM__TLS__KEY_PASSWORD", SECRET)
+    assert server_context(NodeConfig(dicom={"tls": tls}).dicom.tls) is not None
+    monkeypatch.setenv("AINODE_DICOM__TLS__KEY_PASSWORD", "wrong")
+    with pytest.raises(ConfigError) as err:
+        server_context(NodeConfig(dicom={"tls": tls}).dicom.tls)
+    assert SECRET not in str(err.value) and "wrong" not in str(err.value)
