@@ -151,10 +151,13 @@ def _reject(event: evt.Event, db: Database, rsd: tuple[int, int, int], calling: 
     event.assoc.acse.send_reject(*rsd)
     # The reject PDU goes out on the DUL thread; pynetdicom closes the socket as
     # soon as this handler returns, so wait (bounded) until it has been sent or
-    # the peer would see a bare disconnect instead of the reason.
+    # the peer would see a bare disconnect instead of the reason. Sent means the
+    # state machine left Sta3 (awaiting our response): Sta13, or already Sta1 when
+    # the peer closed at once. Waiting for Sta13 alone kept every rejected
+    # association alive for the whole bound, counted against the limit.
     dul = event.assoc.dul
     deadline = time.monotonic() + 2.0
-    while dul.state_machine.current_state != "Sta13" and time.monotonic() < deadline:
+    while dul.state_machine.current_state in ("Sta2", "Sta3") and time.monotonic() < deadline:
         time.sleep(0.002)
 
 
