@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import itertools
 import random
 import socket
 import struct
@@ -161,6 +162,10 @@ def _elements(dataset: bytes, limit: int) -> list[tuple[int, int]]:
 def _with_uid(dataset: bytes, old: str, new: str) -> bytes:
     """The data set under a fresh SOP Instance UID of the same length (each case its own)."""
     return dataset.replace(old.encode(), new.encode(), 1)
+
+
+# Each case its own SOP Instance UID, across every batch of a run.
+_UIDS = itertools.count(int(time.time()) % 100000 * 100000)
 
 
 def _fresh_uid(old: str, n: int) -> str:
@@ -341,7 +346,7 @@ class _Checker:
     def pdu_case(self, kind: str, seed: int) -> None:
         rnd = random.Random(seed)
         self.n += 1
-        uid = _fresh_uid(self.src.sop_uid, 900000 + self.n)
+        uid = _fresh_uid(self.src.sop_uid, next(_UIDS))
         chunks = mutate_pdu(kind, rnd, uid, _with_uid(self.src.dataset, self.src.sop_uid, uid))
         out = _converse(self.node.port, chunks, None, timeout_s=8.0)
         self.report.count(kind, out.kind)
@@ -356,7 +361,7 @@ class _Checker:
     def data_case(self, kind: str, seed: int) -> None:
         rnd = random.Random(seed)
         self.n += 1
-        uid = _fresh_uid(self.src.sop_uid, 800000 + self.n)
+        uid = _fresh_uid(self.src.sop_uid, next(_UIDS))
         dataset, ts = mutate_dataset(
             _Source(_with_uid(self.src.dataset, self.src.sop_uid, uid), uid,
                     self.src.pixel_at), kind, rnd)
