@@ -189,11 +189,14 @@ def main(argv: list[str] | None = None) -> int:
         while time.monotonic() < end:
             load_round(node, tmp, senders=args.senders, slices=args.slices, report=report)
             rounds += 1
+        recorded = landed(node, sorted(tmp.glob("load-*")))
     finally:
         node.stop()
     print(f"{rounds} rounds of {args.senders} x {args.slices}: {report.summary()}")
-    lost = report.sent - report.acknowledged
-    print(f"not acknowledged: {lost}; failed senders: {report.failed_senders}")
+    print(f"recorded in the database: {recorded} of {report.acknowledged} acknowledged")
+    lost = report.sent - recorded
+    print(f"lost (not acknowledged or not recorded): {lost}; "
+          f"failed senders: {report.failed_senders}")
     return 1 if lost or report.failed_senders else 0
 
 
