@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 PEERS := dcmtk orthanc orthanc-dicomweb dicom3tools chromium chromium-driver
 PYTEST_ARGS ?=
 
-.PHONY: help venv peers services test test-fast demo lint bench bench-ingest bench-stow bench-preprocess bench-writers bench-pipeline train-demo clean
+.PHONY: help venv peers services test test-fast demo lint fuzz soak bench bench-ingest bench-stow bench-preprocess bench-writers bench-pipeline train-demo clean
 
 help:
 	@echo "make demo | test | test-fast | lint | bench | train-demo | clean"
@@ -65,6 +65,17 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+
+# Hostile input (tests/support/fuzz.py) and load (tests/support/load.py) against a live
+# node, for a chosen time; `make test` runs a short seeded version of each.
+FUZZ_SECONDS ?= 600
+FUZZ_SEED ?= 19
+SOAK_SECONDS ?= 1800
+fuzz: $(STAMP) peers
+	$(BIN)/python -m tests.support.fuzz --seconds $(FUZZ_SECONDS) --seed $(FUZZ_SEED)
+
+soak: $(STAMP) peers
+	$(BIN)/python -m tests.support.load --seconds $(SOAK_SECONDS) --senders 8 --slices 300
 
 bench: $(STAMP) peers
 	@ls bench/*.py >/dev/null 2>&1 && for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b; done

@@ -12,6 +12,7 @@ run a complete node: data under ``./data``, SQLite, port 11112, AE ``AINODE``.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -22,6 +23,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -31,6 +33,7 @@ from pydantic_settings import (
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
+from sqlalchemy.engine import make_url
 
 from pipelines.dicom_out import registry as writers
 from storage.errors import ConfigError
@@ -101,6 +104,19 @@ class TLSConfig(_Section):
     require_peer_cert: bool = Field(
         default=False, description="refuse peers that present no certificate signed by ca_file"
     )
+    key_password_file: Path | None = Field(
+        default=None,
+        description="file holding the key's passphrase; or AINODE_DICOM__TLS__KEY_PASSWORD",
+    )
+    key_password: SecretStr | None = Field(default=None, repr=False)
+
+    def passphrase(self) -> str | None:
+        """The private key's passphrase (None: the key is not encrypted); never logged."""
+        if self.key_password is not None:
+            return self.key_password.get_secret_value()
+        if self.key_password_file is not None:
+            return read_secret(self.key_password_file, "dicom.tls.key_password_file")
+        return None
 
     @model_validator(mode="after")
     def _needs_files(self) -> TLSConfig:
@@ -141,6 +157,8 @@ class DicomConfig(_Section):
     acse_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     dimse_timeout_s: Annotated[float, Field(gt=0)] = 60.0
     network_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    max_connections_per_host_per_minute: Annotated[int, Field(ge=0)] = Field(
+        default=0, description="per calling host, burst as large; 0: no limit")
     tls: TLSConfig = Field(default_factory=TLSConfig)
 
     @field_validator("max_pdu")
@@ -167,10 +185,24 @@ class StorageConfig(_Section):
         description="ainode serve/worker: how long to retry an unreachable database at "
         "start-up (backoff 1, 2, 4 ... 15 s) before giving up with exit code 1",
     )
+    database_password_file: Path | None = Field(
+        default=None,
+        description="file holding the database password (kept out of the URL and the config); "
+                    "or AINODE_STORAGE__DATABASE_PASSWORD",
+    )
+    database_password: SecretStr | None = Field(default=None, repr=False)
 
     @property
     def effective_database_url(self) -> str:
         if self.database_url:
+            password = self.database_password.get_secret_value() if self.database_password \
+                else None
+            if password is None and self.database_password_file is not None:
+                password = read_secret(self.database_password_file,
+                                       "storage.database_password_file")
+            if password is not None:
+                return make_url(self.database_url).set(password=password).render_as_string(
+                    hide_password=False)
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'ainode.db').resolve()}"
 
@@ -259,6 +291,58 @@ class WebConfig(_Section):
         return self
 
 
+class SendConfig(_Section):
+    """How sending to destinations retries (node.send.RetryPolicy)."""
+
+    retry_base_s: Annotated[float, Field(gt=0)] = 30.0
+    retry_ceiling_s: Annotated[float, Field(gt=0)] = 3600.0
+    retry_max_attempts: Annotated[int, Field(ge=1)] = 20
+    retry_jitter: Annotated[float, Field(ge=0, lt=1)] = 0.2
+
+
+class SyslogConfig(_Section):
+    """Forwarding of audit messages to a collector over TLS (RFC 5425), as IHE ATNA does."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 6514
+    ca_file: Path | None = Field(default=None, description="CA bundle to verify the collector")
+    cert_file: Path | None = Field(default=None, description="our client certificate, if asked")
+    key_file: Path | None = None
+    app_name: str = "ainode"
+
+
+class AuditConfig(_Section):
+    """The audit trail's hash chain (storage.audit_chain) and where it is published."""
+
+    seal_interval_s: Annotated[float, Field(gt=0, le=3600)] = 2.0
+    checkpoint_every: Annotated[int, Field(ge=1)] = 1000
+    checkpoint_interval_s: Annotated[float, Field(gt=0)] = 300.0
+    key_file: Path | None = Field(
+        default=None,
+        description="HMAC key for checkpoints (outside the database); or AINODE_AUDIT_KEY",
+    )
+    syslog: SyslogConfig = Field(default_factory=SyslogConfig)
+
+    def key(self) -> bytes | None:
+        """The checkpoint key: AINODE_AUDIT_KEY, else key_file's bytes, else None."""
+        env = os.environ.get("AINODE_AUDIT_KEY")
+        if env:
+            return env.encode()
+        if self.key_file is not None:
+            return read_secret(self.key_file, "audit.key_file").encode()
+        return None
+
+
+def read_secret(path: Path, what: str) -> str:
+    """A secret kept in its own file (a mounted secret, systemd's LoadCredential):
+    its first line, whitespace stripped; the value never reaches a message."""
+    try:
+        return path.read_text(encoding="utf-8").splitlines()[0].strip()
+    except (OSError, IndexError) as exc:
+        raise ConfigError(f"{what}: cannot read secret file {path}") from exc
+
+
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     format: Literal["keyvalue", "json"] = "keyvalue"
@@ -285,8 +369,10 @@ class NodeConfig(BaseSettings):
     series: SeriesConfig = Field(default_factory=SeriesConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     destinations: list[DestinationConfig] = Field(default_factory=list)
+    send: SendConfig = Field(default_factory=SendConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     web: WebConfig = Field(default_factory=WebConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
 
     @field_validator("destinations")
     @classmethod

@@ -93,4 +93,10 @@ def render_series(db: Database, store: FileStore, series_uid: str, out: Path, *,
         legend = ["no segmentation written for this series"]
         all_slices = True
     legend = [NOT_FOR_DIAGNOSIS, *legend]  # as on the Secondary Capture
-    return list(render_pngs(sources, layers, legend, out, all_slices=all_slices))
+    try:
+        return list(render_pngs(sources, layers, legend, out, all_slices=all_slices))
+    except (ValueError, AttributeError) as exc:
+        # Pixel data pydicom cannot decode (stored before the receiver checked its
+        # length, or by another writer): one line and an exit code, not a traceback.
+        raise InputError(f"cannot render series {series_uid}: pixel data cannot be decoded "
+                         f"({exc})"[:300]) from exc

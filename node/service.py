@@ -3,7 +3,8 @@
 Start-up order is chosen for crash recovery: staging files left by a killed
 node are removed first (they were never acknowledged), the schema is brought
 to head, the files of the last instances received are checked against their
-rows (``storage.ingest.verify_recent``), and only then does the port open. The scheduler runs series
+rows (``storage.ingest.verify_recent``), spool files without a row are removed
+(``sweep_unrecorded``), and only then does the port open. The scheduler runs series
 completion every second and the orchestration tasks (routing, requeueing
 orphaned jobs, sending results, spool retention) on their own intervals; every
 task is node.orchestration's, so there is one ``close_series``.
@@ -27,13 +28,14 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.exc import SQLAlchemyError
 
 from node import heartbeat
+from node.audit_trail import AuditTrail
 from node.config import NodeConfig
 from node.network.pool import ReceiverPool, default_workers
 from storage import migrate
 from storage.db import Database
 from storage.errors import ConfigError, NodeError
 from storage.filestore import FileStore
-from storage.ingest import verify_recent
+from storage.ingest import sweep_unrecorded, verify_recent
 from storage.migrate import db_reason
 
 __all__ = ["NodeService", "default_workers"]
@@ -73,6 +75,7 @@ class NodeService:
         self._jobs_stop = threading.Event()
         self._jobs_thread: threading.Thread | None = None
         self.web: Any = None  # node.web.WebServer when config.web.enabled
+        self._audit_trail: AuditTrail | None = None
 
     @property
     def port(self) -> int:
@@ -89,6 +92,7 @@ class NodeService:
         migrate.wait_until_reachable(self.db, self.config.storage.database_wait_s)
         migrate.upgrade(self.db)
         verify_recent(self.db, self.store)
+        sweep_unrecorded(self.db, self.store)
         try:
             self.receivers.start()
         except BaseException:
@@ -136,6 +140,7 @@ class NodeService:
         # worker thread below claims jobs as soon as they are queued.
         register_tasks(self.scheduler, services,
                        {"close_series": self.completion_interval_s})
+        self._start_audit_trail()
         if self.run_jobs:
             worker = Worker(self.db, self.store, self.config)
             requeued = worker.recover()
@@ -172,6 +177,14 @@ class NodeService:
             alive["local job worker"] = (self._jobs_thread is not None
                                          and self._jobs_thread.is_alive())
         return alive
+    def _start_audit_trail(self) -> None:
+        """Seal audit rows onto the hash chain (and forward them) on the scheduler."""
+        trail = AuditTrail(self.config.audit, self.db, source_id=self.config.dicom.ae_title)
+        trail.tick()  # rows written while the node was down (CLI commands)
+        self.scheduler.add_job(trail.tick, "interval", seconds=self.config.audit.seal_interval_s,
+                               id="audit-seal", max_instances=1, coalesce=True,
+                               replace_existing=True)
+        self._audit_trail = trail
 
     def stop(self, grace_s: float = 10.0) -> None:
         """Stop accepting, let stores in flight finish, stop workers, then the scheduler.
@@ -192,6 +205,10 @@ class NodeService:
         # Stopping anyway: if this fails, status reports the beat as stale instead.
         with contextlib.suppress(NodeError, SQLAlchemyError):
             heartbeat.stopped(self.db)
+        if self._audit_trail is not None:
+            self._audit_trail.tick()  # the last rows, sealed before the process ends
+            self._audit_trail.close()
+            self._audit_trail = None
         self.db.dispose()
         log.info("node stopped")
 

@@ -53,7 +53,7 @@ class Database:
         kwargs: dict[str, Any] = {"echo": echo, "future": True}
         if self.is_sqlite:
             if parsed.database and parsed.database != ":memory:":
-                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             # The receiver's association threads share the engine.
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         else:

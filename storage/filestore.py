@@ -16,6 +16,7 @@ acknowledged after the rename is durable.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import itertools
@@ -28,7 +29,7 @@ from pathlib import Path
 
 from storage.errors import InputError, OutOfSpaceError, StorageError
 
-__all__ = ["FileStore", "HeldFile", "StoredFile", "atomic_write", "valid_uid"]
+__all__ = ["FileStore", "HeldFile", "StoredFile", "atomic_write", "valid_uid", "write_error"]
 
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _TMP_PREFIX = ".part-"
@@ -40,6 +41,22 @@ def valid_uid(uid: str) -> bool:
     Also what makes a UID safe as a path component (no '/', no '..').
     """
     return 0 < len(uid) <= 64 and _UID.match(uid) is not None
+
+
+def write_error(what: str, exc: OSError) -> StorageError:
+    """ENOSPC/EDQUOT as OutOfSpaceError (the sender is told Out of Resources, 0xA700,
+    and may retry later); every other failure as StorageError."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OutOfSpaceError(f"{what}: the file system is full")
+    return StorageError(f"{what}: {exc.strerror}")
+
+
+def _owner_only(path: Path) -> None:
+    """chmod 0700 a directory this user owns (a data dir made earlier with a looser umask)."""
+    with contextlib.suppress(OSError):
+        st = path.stat()
+        if st.st_uid == os.getuid() and st.st_mode & 0o077:
+            path.chmod(0o700)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -221,8 +238,10 @@ class FileStore:
         self.quarantine = self.data_dir / "quarantine"
         self.tmp = self.data_dir / "tmp"
         self.min_free_bytes = min_free_mb * 1024 * 1024
-        for d in (self.spool, self.results, self.quarantine, self.tmp):
-            d.mkdir(parents=True, exist_ok=True)
+        # Owner-only: the spool holds patients' images, the database their names.
+        for d in (self.data_dir, self.spool, self.results, self.quarantine, self.tmp):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _owner_only(self.data_dir)
         # Staging must share a filesystem with the target for rename to be atomic.
         self._spool_tmp = self.spool / ".tmp"
         self._spool_tmp.mkdir(exist_ok=True)
@@ -286,7 +305,7 @@ class FileStore:
         except FileExistsError:
             raise
         except OSError as exc:
-            raise StorageError(f"cannot write {rel}: {exc.strerror}") from exc
+            raise write_error(f"cannot write {rel}", exc) from exc
         return HeldFile(StoredFile(target, rel, size, sha), fd, synced=sync)
 
     def lock_existing(self, relpath: str) -> HeldFile:

@@ -37,6 +37,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 __all__ = [
     "ApiToken",
+    "AuditCheckpoint",
+    "AuditCursor",
     "AuditEvent",
     "Base",
     "Destination",
@@ -401,6 +403,33 @@ class AuditEvent(Base):
     sop_instance_uid: Mapped[str | None] = mapped_column(UID)
     job_id: Mapped[int | None] = mapped_column(Integer)
     details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # The hash chain (storage.audit_chain): set when the row is sealed, a moment
+    # after it commits; NULL until then.
+    chain_seq: Mapped[int | None] = mapped_column(BigInteger, unique=True)
+    prev_hash: Mapped[str | None] = mapped_column(String(64))
+    row_hash: Mapped[str | None] = mapped_column(String(64))
+
+
+class AuditCheckpoint(Base):
+    """A published point of the audit hash chain: its head at ``chain_seq``, with an HMAC
+    under a key kept outside the database when one is configured."""
+
+    __tablename__ = "audit_checkpoints"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    ts: Mapped[datetime] = mapped_column(default=utcnow)
+    chain_seq: Mapped[int] = mapped_column(BigInteger, unique=True)
+    row_hash: Mapped[str] = mapped_column(String(64))
+    mac: Mapped[str | None] = mapped_column(String(64))
+
+
+class AuditCursor(Base):
+    """How far a consumer of the chain (the syslog forwarder) has got, by ``chain_seq``."""
+
+    __tablename__ = "audit_cursors"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    chain_seq: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 class UserRole(enum.StrEnum):
@@ -449,6 +478,8 @@ class ApiToken(Base):
     name: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_used_at: Mapped[datetime | None]
+
+
 class NodeHeartbeat(Base):
     """A node component's last sign of life, for ``ainode status``: is the node up?
 

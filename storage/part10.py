@@ -20,7 +20,8 @@ import struct
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["decode_store_request", "encode_file_meta", "scan", "store_response_command"]
+__all__ = ["decode_store_request", "encode_file_meta", "file_meta", "pixel_data_length", "scan",
+           "store_response_command"]
 
 _IMPLICIT_LE = "1.2.840.10008.1.2"
 # Syntaxes whose data set is not explicit VR little endian, other than implicit LE:
@@ -68,6 +69,10 @@ _DICT: dict[str, tuple[int, str]] = {
     "Rows": (0x00280010, "US"),
     "Columns": (0x00280011, "US"),
     "PixelSpacing": (0x00280030, "DS"),
+    # The geometry the native Pixel Data length is checked against (storage.ingest.pixels).
+    "SamplesPerPixel": (0x00280002, "US"),
+    "NumberOfFrames": (0x00280008, "IS"),
+    "BitsAllocated": (0x00280100, "US"),
 }
 # Character sets under which ASCII bytes (no ESC) decode to the same text as in ASCII.
 _ASCII_SAFE_CHARSETS = {"", "ISO_IR 6", "ISO_IR 100", "ISO_IR 192"}
@@ -120,6 +125,14 @@ def transfer_syntax(part10: bytes | memoryview) -> str | None:
     """
     try:
         return _file_meta(memoryview(part10))[0]
+    except (_UnsureError, struct.error, UnicodeDecodeError, ValueError):
+        return None
+
+
+def file_meta(part10: bytes | memoryview) -> tuple[str, int] | None:
+    """(Transfer Syntax UID, offset of the data set) of a Part 10 byte string, or None."""
+    try:
+        return _file_meta(memoryview(part10))
     except (_UnsureError, struct.error, UnicodeDecodeError, ValueError):
         return None
 
@@ -352,3 +365,79 @@ def decode_store_request(command: bytes) -> dict[str, Any] | None:
                                      "MessageID")):
         return None
     return values
+
+
+def pixel_data_length(part10: bytes, expected: int | None) -> tuple[bool, int | None]:
+    """(sure, length) of the top-level Pixel Data of a Part 10 byte string.
+
+    ``length`` is what arrived of the value (a value cut short counts its
+    bytes), None when there is no Pixel Data, 0xFFFFFFFF when undefined
+    (encapsulated). ``expected``: the length the geometry needs, which tells
+    a value cut short from the same bytes inside another value. Found by a
+    byte search, so no Python walk crosses the private groups and functional
+    group sequences before the pixels: microseconds. Not sure (big endian,
+    deflated, nothing fitting): the caller asks pydicom.
+    """
+    buf = memoryview(part10)
+    try:
+        ts, start = _file_meta(buf)
+        if ts in _NOT_EXPLICIT_LE:
+            return False, None
+        return True, _pixel_length(part10, buf, start, ts != _IMPLICIT_LE, expected)
+    except (_UnsureError, struct.error, UnicodeDecodeError, ValueError):
+        return False, None
+
+
+_PIXEL_TAG = struct.pack("<HH", 0x7FE0, 0x0010)
+
+
+def _pixel_length(raw: bytes, buf: memoryview, floor: int, explicit: bool,
+                  expected: int | None) -> int | None:
+    """The top-level Pixel Data's length (what arrived of it), found by a byte search.
+
+    A candidate is taken when its value ends exactly where the top-level
+    elements after it (padding, signatures) begin and they run to the end,
+    or, for a value cut short, when it declares the length the geometry
+    needs and runs past the end. Anything else (the same bytes in a private
+    value, an icon's nested Pixel Data) is skipped; none at all means there
+    is no Pixel Data.
+    """
+    end = len(raw)
+    lo = floor
+    seen = False
+    while True:
+        # Forward: the real header is the first fitting occurrence, found after
+        # the (short) header region, never across the pixels.
+        at = raw.find(_PIXEL_TAG, lo)
+        if at < 0:
+            if not seen:
+                return None  # the tag's bytes occur nowhere after group 0028: no Pixel Data
+            raise _UnsureError  # candidates, none fitted: the careful path decides
+        seen, lo = True, at + 1
+        try:
+            _tag, vr, length, value = _element_header(buf, at, explicit)
+        except (_UnsureError, struct.error):
+            continue
+        if explicit and (vr not in ("OB", "OW") or bytes(buf[at + 6:at + 8]) != b"\0\0"):
+            continue
+        if length == _UNDEFINED:
+            return length
+        if value + length > end:
+            if length == expected:
+                return end - value  # cut short
+            continue
+        if _runs_to_end(buf, value + length, explicit):
+            return length
+
+
+def _runs_to_end(buf: memoryview, pos: int, explicit: bool) -> bool:
+    end = len(buf)
+    try:
+        while pos < end:
+            tag, _, length, pos = _element_header(buf, pos, explicit)
+            if tag <= 0x7FE00010 or length == _UNDEFINED:
+                return False
+            pos += length
+    except (_UnsureError, struct.error):
+        return False
+    return pos == end

@@ -314,6 +314,11 @@ def test_sigkill_mid_transfer_loses_nothing_acknowledged(tmp_path: Path) -> None
                 rows = {i.sop_instance_uid: i for i in s.execute(sa.select(Instance)).scalars()}
         finally:
             db.dispose()
+        # No spool file without its row (the start-up sweep removed and audited any
+        # that the kill left between a file's link and its row's commit).
+        spooled = {p.relative_to(spool).as_posix() for p in spool.rglob("*.dcm")
+                   if ".tmp" not in p.relative_to(spool).parts}
+        assert spooled == {i.path for i in rows.values()}
         for path in acked:
             uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
             assert uid in rows, f"acknowledged {uid} has no row"

@@ -8,12 +8,15 @@ after the hand-over) are both exercised.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -22,6 +25,7 @@ from tests.support.data import dicom_series_dir
 from tests.support.net import free_port, wait_for
 from tests.support.node import AINODE, REPO
 from tests.support.peers import dcmtk_env, require
+from tests.support.pki import make_pki
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -104,3 +108,121 @@ def test_tls_associations_in_both_receiver_processes(pki: Path, tmp_path: Path) 
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
         log.close()
+
+
+def _audit_reasons(data: Path) -> list[str]:
+    with sqlite3.connect(data / "ainode.db") as conn:
+        rows = conn.execute(
+            "SELECT details FROM audit_events WHERE event = 'tls.refused' ORDER BY id").fetchall()
+    return [json.loads(r[0])["reason"] for r in rows]
+
+
+def _s_client(port: int, pki: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-CAfile", str(pki / "ca.crt"),
+         "-cert", str(pki / "client.crt"), "-key", str(pki / "client.key"), *extra],
+        input="", capture_output=True, text=True, timeout=60)
+
+
+def test_tls_refusals_are_audited_and_a_silent_peer_blocks_nobody(
+    tmp_path: Path
+) -> None:
+    """Against the BCP 195 profile: plain TCP to the TLS port, a client certificate from
+    a CA the node does not trust, an expired one, TLS 1.0 and 1.1, and a TLS 1.2 suite
+    outside the profile are each refused and audited (tls.refused, with the reason); a
+    default client gets TLS 1.3; a connection that never starts its handshake neither
+    holds up another client nor stays open past the ACSE timeout."""
+    pki = make_pki(tmp_path / "pki")
+    port = free_port()
+    data = tmp_path / "data"
+    cfg = tmp_path / "node.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "dicom": {"port": port, "allowed_callers": ["ECHOSCU"], "acse_timeout_s": 2.0,
+                  "tls": {"enabled": True, "cert_file": str(pki / "node.crt"),
+                          "key_file": str(pki / "node.key"), "ca_file": str(pki / "ca.crt"),
+                          "require_peer_cert": True}},
+        "storage": {"data_dir": str(data), "min_free_mb": 0},
+        "logging": {"level": "INFO"},
+    }))
+    log = (tmp_path / "node.log").open("wb")
+    proc = subprocess.Popen([*AINODE, "--config", str(cfg), "serve", "--workers", "2",
+                             "--no-jobs"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        wait_for(lambda: _echo(port, _tls_args(pki)).returncode == 0, timeout=90,
+                 what="the node over TLS")
+        silent = socket.create_connection(("127.0.0.1", port))
+        start = time.monotonic()
+        assert _echo(port, _tls_args(pki)).returncode == 0  # served while `silent` waits
+        assert time.monotonic() - start < 2.0
+        silent.settimeout(10)
+        assert silent.recv(1024) == b""  # the node closes it at the ACSE timeout
+        assert time.monotonic() - start < 6
+        silent.close()
+
+        cases: dict[str, subprocess.CompletedProcess[Any]] = {
+            "plain": _echo(port, []),
+            "untrusted": _echo(port, ["+tls", str(pki / "stranger.key"),
+                                      str(pki / "stranger.crt"), "+cf", str(pki / "ca.crt")]),
+            "expired": _echo(port, ["+tls", str(pki / "expired.key"), str(pki / "expired.crt"),
+                                    "+cf", str(pki / "ca.crt")]),
+            "tls1": _s_client(port, pki, "-tls1", "-cipher", "DEFAULT@SECLEVEL=0"),
+            "tls1_1": _s_client(port, pki, "-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0"),
+            "weak_suite": _s_client(port, pki, "-tls1_2", "-cipher", "AES128-SHA"),
+        }
+        for name, r in cases.items():
+            assert r.returncode != 0, f"{name} was not refused"
+        best = _s_client(port, pki)
+        assert "Protocol  : TLSv1.3" in best.stdout or "TLSv1.3" in best.stdout, best.stdout
+        reasons = wait_for(lambda: (lambda r: r if len(r) >= 7 else None)(_audit_reasons(data)),
+                           timeout=20, what="seven tls.refused audit rows")
+        assert reasons == [
+            "handshake timed out",  # the silent connection
+            "wrong version number",  # plain TCP: an A-ASSOCIATE-RQ where a ClientHello belongs
+            "certificate: unable to get local issuer certificate",  # the rogue CA's
+            "certificate: certificate has expired",
+            "unsupported protocol", "unsupported protocol",  # TLS 1.0, 1.1
+            "no shared cipher",  # TLS 1.2 with a suite outside the profile
+        ]
+        # The node is still serving after all of it.
+        assert _echo(port, _tls_args(pki)).returncode == 0
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+        log.close()
+
+
+def test_sending_to_a_tls_destination_uses_the_profile(tmp_path: Path) -> None:
+    """The node as the TLS client: C-ECHO to dcmtk's storescp +tls, which requires our
+    certificate; a destination whose certificate our CA did not sign is refused."""
+    from node.send.scu import Peer, echo_peer
+    from storage.errors import TransferError
+
+    pki = make_pki(tmp_path / "pki")
+    for server, ok in (("node", True), ("stranger", False)):
+        port = free_port()
+        scp = subprocess.Popen(
+            [require("storescp"), "+tls", str(pki / f"{server}.key"), str(pki / f"{server}.crt"),
+             "+cf", str(pki / "ca.crt"), "-od", str(tmp_path), "-aet", "DEST", str(port)],
+            env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_for(lambda p=port: _port_open(p), timeout=30, what="storescp +tls")
+            peer = Peer(name="dest", ae_title="DEST", host="127.0.0.1", port=port,
+                        calling_ae_title="AINODE", tls=True, cert_file=pki / "client.crt",
+                        key_file=pki / "client.key", ca_file=pki / "ca.crt")
+            if ok:
+                assert echo_peer(peer) == 0
+            else:
+                with pytest.raises(TransferError):
+                    echo_peer(peer)
+        finally:
+            scp.terminate()
+            scp.wait(timeout=30)
+
+
+def _port_open(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True

@@ -1,4 +1,5 @@
-"""``ainode audit export``: the audit trail for review or a SIEM, as JSON lines or CSV.
+"""``ainode audit``: export the trail (JSON lines, CSV, DICOM audit messages) and verify
+its hash chain.
 
 The audit table is where identities live (calling AE, OS user, host); this is
 the one command that prints them, to a file or stdout the admin chose.
@@ -14,12 +15,15 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from xml.etree import ElementTree as ET
 
 import typer
 from sqlalchemy import select
 
+from node.audit_atna import audit_message
 from node.cli.context import get
 from node.cli.output import to_jsonable
+from storage.audit_chain import seal, verify
 from storage.errors import InputError
 from storage.models import AuditEvent, utcnow
 
@@ -49,7 +53,7 @@ def parse_since(text: str, *, now: datetime | None = None) -> datetime:
 
 
 def _rows(ctx: typer.Context, since: datetime, until: datetime | None,
-          event: str | None) -> Iterator[dict[str, Any]]:
+          event: str | None, *, raw: bool = False) -> Iterator[dict[str, Any]]:
     q = select(AuditEvent).where(AuditEvent.ts >= since)
     if until is not None:
         q = q.where(AuditEvent.ts < until)
@@ -57,7 +61,7 @@ def _rows(ctx: typer.Context, since: datetime, until: datetime | None,
         q = q.where(AuditEvent.event.like(event.replace("*", "%")))
     with get(ctx).db.session() as s:
         for row in s.scalars(q.order_by(AuditEvent.ts, AuditEvent.id)):
-            yield {f: to_jsonable(getattr(row, f)) for f in FIELDS}
+            yield {f: getattr(row, f) if raw else to_jsonable(getattr(row, f)) for f in FIELDS}
 
 
 @app.command("export")
@@ -65,7 +69,9 @@ def export(
     ctx: typer.Context,
     since: Annotated[str, typer.Option("--since", help="e.g. 7d, 24h, or an ISO time")] = "1d",
     until: Annotated[str | None, typer.Option("--until", help="end (exclusive)")] = None,
-    fmt: Annotated[Literal["jsonl", "csv"], typer.Option("--format")] = "jsonl",
+    fmt: Annotated[Literal["jsonl", "csv", "dicom"], typer.Option(
+        "--format", help="jsonl, csv, or dicom (PS3.15 A.5 audit messages, one XML per line)",
+    )] = "jsonl",
     event: Annotated[str | None, typer.Option("--event", help="event name, * wildcards")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="default: stdout")] = None,
 ) -> None:
@@ -78,8 +84,12 @@ def export(
         if fmt == "csv":
             writer = csv.DictWriter(fh, fieldnames=list(FIELDS))
             writer.writeheader()
-        for row in _rows(ctx, start, end, event):
-            if fmt == "csv":
+        source_id = get(ctx).config.dicom.ae_title
+        for row in _rows(ctx, start, end, event, raw=fmt == "dicom"):
+            if fmt == "dicom":
+                fh.write(ET.tostring(audit_message(row, source_id=source_id),
+                                     encoding="unicode") + "\n")
+            elif fmt == "csv":
                 writer.writerow({**row, "details": json.dumps(row["details"], sort_keys=True)})
             else:
                 fh.write(json.dumps(row, sort_keys=True) + "\n")
@@ -89,3 +99,33 @@ def export(
             fh.close()
     if output:
         typer.echo(f"{count} audit events written to {output}", err=True)
+
+
+@app.command("verify")
+def verify_cmd(ctx: typer.Context) -> None:
+    """Walk the audit hash chain and name every edited, deleted or inserted row.
+
+    Exit 0 when the chain holds, 1 when a row breaks it (one line per row).
+    """
+    cfg = get(ctx).config.audit
+    with get(ctx).db.session() as s:
+        report = verify(s, key=cfg.key())
+    for p in report.problems:
+        typer.echo(f"{p.kind}: {p.message}")
+    summary = (f"{report.sealed} rows on the chain, {report.pending} waiting to be sealed, "
+               f"{report.checkpoints} checkpoints")
+    if report.ok:
+        typer.echo(f"audit chain intact: {summary}")
+        return
+    typer.echo(f"audit chain BROKEN ({len(report.problems)} problems): {summary}", err=True)
+    raise typer.Exit(1)
+
+
+@app.command("seal")
+def seal_cmd(ctx: typer.Context) -> None:
+    """Seal the rows not yet on the chain now and write a checkpoint (the node does this
+    by itself every few seconds; this is for a node that is stopped)."""
+    cfg = get(ctx).config.audit
+    with get(ctx).db.session() as s:
+        done = seal(s, key=cfg.key(), checkpoint_every=cfg.checkpoint_every, checkpoint=True)
+    typer.echo(f"{done.rows} rows sealed; chain head at {done.head_seq}")

@@ -45,13 +45,14 @@ from node.network import status
 from node.network.acl import AccessPolicy
 from node.network.contexts import prefer_requestor_order, supported_contexts, syntax_table
 from node.network.dispatch import Dispatcher
+from node.network.ratelimit import HostRateLimiter, refuse
 from node.network.reactor import (
     EventAssociation,
     encode_pdata_tf,
     handlers_bound,
     make_event_driven,
 )
-from node.network.tls import server_context
+from node.network.tls import handshake_reason, server_context
 from storage.audit import audit
 from storage.db import Database
 from storage.errors import ConfigError, ConflictError, InputError, OutOfSpaceError, StorageError
@@ -81,6 +82,7 @@ class ReceiverSettings:
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 60.0
+    max_connections_per_host_per_minute: int = 0
     callers: tuple[CallerConfig, ...] = ()
     tls: TLSConfig = field(default_factory=TLSConfig)
 
@@ -90,6 +92,7 @@ class ReceiverSettings:
             ae_title=dicom.ae_title, host=dicom.host, port=dicom.port, max_pdu=dicom.max_pdu,
             max_associations=dicom.max_associations, acse_timeout_s=dicom.acse_timeout_s,
             dimse_timeout_s=dicom.dimse_timeout_s, network_timeout_s=dicom.network_timeout_s,
+            max_connections_per_host_per_minute=dicom.max_connections_per_host_per_minute,
             callers=tuple(dicom.allowed_callers), tls=dicom.tls,
         )
 
@@ -109,20 +112,35 @@ def _peer(event: evt.Event) -> Peer:
 
 def handle_requested(event: evt.Event, policy: AccessPolicy, db: Database,
                      syntaxes: Mapping[str, Sequence[str]]) -> None:
-    """EVT_REQUESTED: refuse unlisted callers before negotiation, and audit the attempt;
-    give an accepted one the contexts it asked for (``syntaxes``: ours, by abstract syntax)."""
+    """EVT_REQUESTED: refuse unlisted callers and requests beyond the association limit
+    before negotiation, and audit them; give an accepted one the contexts it asked for
+    (``syntaxes``: ours, by abstract syntax)."""
     requestor = event.assoc.requestor
     primitive = requestor.primitive
     calling = (primitive.calling_ae_title or "").strip() if primitive is not None else ""
     host = requestor.address
     reason = policy.refusal(calling, host)
-    if reason is None:
-        if primitive is not None:
-            acceptor = event.assoc.acceptor
-            acceptor.supported_contexts = prefer_requestor_order(
-                primitive.presentation_context_definition_list, syntaxes
-            )
+    if reason is not None:
+        # Rejected-permanent, service-user, calling AE title not recognised (PS3.8 9.3.4).
+        _reject(event, db, (0x01, 0x01, 0x03), calling, host, reason)
         return
+    ae = event.assoc.ae
+    acceptors = sum(1 for a in ae.active_associations if a.is_acceptor)
+    if acceptors > ae.maximum_associations:
+        # Rejected-transient, service-provider (presentation), local limit exceeded.
+        # pynetdicom would send the same, but close the socket before the PDU is out
+        # (the peer sees a reset, not the reason) and audit nothing.
+        _reject(event, db, (0x02, 0x03, 0x02), calling, host, "association limit reached")
+        return
+    if primitive is not None:
+        acceptor = event.assoc.acceptor
+        acceptor.supported_contexts = prefer_requestor_order(
+            primitive.presentation_context_definition_list, syntaxes
+        )
+
+
+def _reject(event: evt.Event, db: Database, rsd: tuple[int, int, int], calling: str,
+            host: str, reason: str) -> None:
     try:
         with db.session() as s:
             audit(s, "association.rejected", outcome="failure", actor=calling or None,
@@ -130,14 +148,16 @@ def handle_requested(event: evt.Event, policy: AccessPolicy, db: Database,
     except SQLAlchemyError:
         log.exception("could not audit a refused association")
     log.warning("association refused", extra={"reason": reason, "calling_ae": calling})
-    # Rejected-permanent, service-user, calling AE title not recognised (PS3.8 9.3.4).
-    event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+    event.assoc.acse.send_reject(*rsd)
     # The reject PDU goes out on the DUL thread; pynetdicom closes the socket as
     # soon as this handler returns, so wait (bounded) until it has been sent or
-    # the peer would see a bare disconnect instead of the reason.
+    # the peer would see a bare disconnect instead of the reason. Sent means the
+    # state machine left Sta3 (awaiting our response): Sta13, or already Sta1 when
+    # the peer closed at once. Waiting for Sta13 alone kept every rejected
+    # association alive for the whole bound, counted against the limit.
     dul = event.assoc.dul
     deadline = time.monotonic() + 2.0
-    while dul.state_machine.current_state != "Sta13" and time.monotonic() < deadline:
+    while dul.state_machine.current_state in ("Sta2", "Sta3") and time.monotonic() < deadline:
         time.sleep(0.002)
 
 
@@ -183,8 +203,8 @@ def handle_store(event: evt.Event, ingestor: Ingestor) -> int | Dataset:
             peer=_peer(event),
             affected_sop_instance_uid=sop_uid or None,
         )
-    except OutOfSpaceError:
-        return _status(status.OUT_OF_RESOURCES, "out of resources: disk below free-space floor")
+    except OutOfSpaceError as exc:
+        return _status(status.OUT_OF_RESOURCES, f"out of resources: {exc}")
     except InputError as exc:
         return _status(status.BAD_IDENTIFIERS, f"cannot understand: {exc}")
     except ConflictError:
@@ -200,32 +220,69 @@ def handle_store(event: evt.Event, ingestor: Ingestor) -> int | Dataset:
 
 
 _RECV_CHUNK = 1 << 20
+# Preallocated at most this much ahead of what has arrived: a PDU header may
+# declare up to 4 GiB, and allocating what it declares would let six bytes
+# from anyone take the process's memory.
+_PREALLOC = 4 << 20
+
+
+def _audit_rate_limited(db: Database, host: str, refused: int) -> None:
+    try:
+        with db.session() as s:
+            audit(s, "association.rate_limited", outcome="failure", host=host,
+                  refused=refused, reason="connection rate limit per host")
+    except SQLAlchemyError:
+        log.exception("could not audit rate-limited connections")
+    log.warning("connections refused by the per-host rate limit", extra={"refused": refused})
 
 
 class _BulkRecvSocket(AssociationSocket):
-    """AssociationSocket whose recv() reads a whole PDU in as few system calls as it can.
+    """AssociationSocket whose recv() reads a whole PDU in as few system calls as it can,
+    within a deadline.
 
     Why: pynetdicom reads every PDU in 4 KB ``recv`` calls and grows a
     bytearray each time (32 calls for one of storescu's 128 KB PDUs), all
     under the GIL of the process that also runs the C-STORE handlers. Reading
-    into one preallocated buffer returns the same bytes with a few calls.
-    Only ``recv`` differs; timeouts and TLS behave as in the base class
-    (``SSLSocket.recv_into`` is the TLS path).
+    into one buffer returns the same bytes with a few calls; the buffer grows
+    with what arrives (``_PREALLOC`` ahead at most), never with what a header
+    declares. The deadline: the network timeout is per ``recv`` call, so a
+    peer sending one byte every few seconds would hold its association (and
+    a slot of ``max_associations``) for ever; here the whole read must finish
+    within ``pdu_deadline_s`` (the network timeout), or it times out like an
+    idle connection. TLS behaves as in the base class (``SSLSocket.recv_into``
+    is the TLS path).
     """
 
     def recv(self, nr_bytes: int) -> bytearray:
         sock = self.socket
         if sock is None:
             return bytearray()
-        buf = bytearray(nr_bytes)
-        view = memoryview(buf)
+        timeout = self.assoc.network_timeout
+        deadline = None if timeout is None else time.monotonic() + float(timeout)
+        buf = bytearray(min(nr_bytes, _PREALLOC))
         got = 0
-        while got < nr_bytes:
-            n = sock.recv_into(view[got:], min(nr_bytes - got, _RECV_CHUNK))
-            if not n:  # connection closed: return what arrived, as the base class does
-                del view
-                return buf[:got]
-            got += n
+        try:
+            while got < nr_bytes:
+                if got == len(buf):
+                    buf.extend(bytes(min(nr_bytes - got, max(len(buf), _PREALLOC))))
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError("PDU not received within the network timeout")
+                    sock.settimeout(left)
+                view = memoryview(buf)
+                try:
+                    n = sock.recv_into(view[got:], min(len(buf) - got, _RECV_CHUNK))
+                finally:
+                    del view
+                if not n:  # connection closed: return what arrived, as the base class does
+                    del buf[got:]
+                    return buf
+                got += n
+        finally:
+            if deadline is not None:
+                with contextlib.suppress(OSError):
+                    sock.settimeout(timeout)
         return buf
 
 
@@ -478,43 +535,74 @@ class _RequestHandler(RequestHandler):
 
 
 class _Server(ThreadedAssociationServer):
-    """pynetdicom's threaded server plus TCP_NODELAY and, in a node with several
-    receiver processes, the hand-over of connections (node.network.dispatch).
+    """pynetdicom's threaded server plus TCP_NODELAY, the TLS handshake on the
+    connection's own thread and, in a node with several receiver processes, the
+    hand-over of connections (node.network.dispatch).
 
     TCP_NODELAY: a C-STORE response is a small PDU; Nagle would hold it back.
+    The handshake: pynetdicom performs it in ``get_request``, on the one
+    acceptor thread, without a timeout, so a peer that opens a TCP connection
+    to the TLS port and sends nothing (or one byte a second) would stop every
+    other connection from being accepted. Here it runs where the association
+    will, bounded by the ACSE timeout, and a refused one is audited.
     """
 
+    # listen() backlog: socketserver's default of 5 drops the SYNs of a burst of
+    # connections, which then wait seconds for the client's SYN retry.
+    request_queue_size = 256
     dispatcher: Dispatcher | None = None  # main process: pass connections on
     on_end: Callable[[], None] | None = None  # receiver process: report ended associations
+    db: Database | None = None  # where refused handshakes are audited
+    rate_limiter: HostRateLimiter | None = None  # the listening process only
+    handshake_timeout_s: float = 30.0
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        if self.dispatcher is None:
-            sock, address = super().get_request()  # TLS-wrapped here when configured
-        else:
-            # The TLS handshake waits for the process that will serve the connection.
-            sock, address = cast(socket.socket, self.socket).accept()
+        sock, address = cast(socket.socket, self.socket).accept()
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock, address
 
     def process_request(self, request: Any, client_address: Any) -> None:
+        limiter = self.rate_limiter
+        if limiter is not None and not limiter.allow(str(client_address[0])):
+            threading.Thread(target=refuse, args=(request,), name="dicom-refuse",
+                             daemon=True).start()
+            return
         dispatcher = self.dispatcher
-        if dispatcher is not None:
-            if dispatcher.hand_over(request, client_address):
-                request.close()  # our copy; never shutdown(), the connection lives on
-                return
-            try:
-                request = self.wrap(request)
-            except OSError as exc:
-                dispatcher.local_done()
-                log.warning("TLS handshake failed", extra={"error": str(exc)})
-                request.close()
-                return
+        if dispatcher is not None and dispatcher.hand_over(request, client_address):
+            request.close()  # our copy; never shutdown(), the connection lives on
+            return
         super().process_request(request, client_address)
 
-    def wrap(self, sock: socket.socket) -> socket.socket:
+    def finish_request(self, request: Any, client_address: Any) -> None:
         context = self.ssl_context
-        return context.wrap_socket(sock, server_side=True) if context else sock
+        if context is not None:
+            try:
+                request = self._handshake(context, request)
+            except (OSError, ssl.SSLError) as exc:
+                self._refused(exc, client_address)
+                self.association_ended()
+                return
+        super().finish_request(request, client_address)
+
+    def _handshake(self, context: ssl.SSLContext, sock: socket.socket) -> ssl.SSLSocket:
+        timeout = sock.gettimeout()
+        sock.settimeout(self.handshake_timeout_s)
+        tls = context.wrap_socket(sock, server_side=True)
+        tls.settimeout(timeout)
+        return tls
+
+    def _refused(self, exc: BaseException, address: Any) -> None:
+        reason = handshake_reason(exc)
+        host = address[0] if isinstance(address, tuple) else None
+        log.warning("TLS handshake refused", extra={"reason": reason})
+        if self.db is None:
+            return
+        try:
+            with self.db.session() as s:
+                audit(s, "tls.refused", outcome="failure", host=host, reason=reason)
+        except SQLAlchemyError:
+            log.exception("could not audit a refused TLS handshake")
 
     def association_ended(self) -> None:
         if self.dispatcher is not None:
@@ -593,6 +681,12 @@ class Receiver:
         self._server = cast(_Server, server)
         self._server.dispatcher = self.dispatcher
         self._server.on_end = self.on_end
+        self._server.db = db
+        self._server.handshake_timeout_s = s.acse_timeout_s
+        if s.max_connections_per_host_per_minute and not self.adopt_only:
+            self._server.rate_limiter = HostRateLimiter(
+                s.max_connections_per_host_per_minute,
+                audit=lambda host, n: _audit_rate_limited(db, host, n))
         if self.adopt_only:
             cast(socket.socket, self._server.socket).close()
             return
@@ -604,17 +698,12 @@ class Receiver:
                         "tls": s.tls.enabled})
 
     def adopt(self, sock: socket.socket, address: tuple[str, int]) -> None:
-        """Serve a connection another process accepted (TLS handshake here)."""
+        """Serve a connection another process accepted (the TLS handshake happens here)."""
         server = self._server
         if server is None:
             sock.close()
             raise RuntimeError("receiver not started")
-        try:
-            sock = server.wrap(sock)
-        except OSError:
-            sock.close()
-            raise
-        server.process_request(sock, address)
+        server.process_request(sock, address)  # the TLS handshake runs on its thread
 
     def stop(self, grace_s: float = 10.0) -> None:
         """Stop accepting, give running associations ``grace_s`` to finish, abort the rest.

@@ -14,6 +14,7 @@ failure is recorded, not raised.
 from __future__ import annotations
 
 import logging
+import random
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from node.config import NodeConfig
+from node.config import NodeConfig, SendConfig
 from node.send.scu import Peer, associate, contexts_for, echo_peer, store
 from storage.audit import audit
 from storage.db import Database
@@ -50,13 +51,30 @@ _WARNING_STATUSES = {0xB000, 0xB006, 0xB007}
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
+    """Exponential backoff with a ceiling, a limit on attempts, and jitter.
+
+    Jitter: each wait is shortened by a random fraction up to ``jitter``, so
+    the transfers that failed together (a destination down) do not all come
+    back in the same second when it returns; never longer than the ceiling.
+    """
+
     base_s: float = 30.0
     ceiling_s: float = 3600.0
     max_attempts: int = 20
+    jitter: float = 0.0
+    rng: random.Random = field(default_factory=random.Random, compare=False, repr=False)
+
+    @classmethod
+    def from_config(cls, cfg: SendConfig) -> RetryPolicy:
+        return cls(base_s=cfg.retry_base_s, ceiling_s=cfg.retry_ceiling_s,
+                   max_attempts=cfg.retry_max_attempts, jitter=cfg.retry_jitter)
 
     def delay(self, attempts: int) -> timedelta:
         """Wait before the next try after ``attempts`` failed ones."""
-        return timedelta(seconds=min(self.base_s * 2 ** max(attempts - 1, 0), self.ceiling_s))
+        wait = min(self.base_s * 2 ** max(attempts - 1, 0), self.ceiling_s)
+        if self.jitter:
+            wait *= 1.0 - self.jitter * self.rng.random()
+        return timedelta(seconds=wait)
 
 
 @dataclass
@@ -111,6 +129,7 @@ def peer_for(dest: Destination, config: NodeConfig) -> Peer:
         name=dest.name, ae_title=dest.ae_title, host=dest.host, port=dest.port,
         calling_ae_title=dest.calling_ae_title or d.ae_title, tls=dest.tls,
         cert_file=tls.cert_file, key_file=tls.key_file, ca_file=tls.ca_file,
+        key_password=tls.passphrase(),
         acse_timeout_s=d.acse_timeout_s, dimse_timeout_s=d.dimse_timeout_s,
         network_timeout_s=d.network_timeout_s,
     )
@@ -292,7 +311,7 @@ def send_due(db: Database, store: FileStore, config: NodeConfig, *,
     and in the audit log, and the next destination is tried regardless.
     """
     now = now or utcnow()
-    policy = policy or RetryPolicy()
+    policy = policy or RetryPolicy.from_config(config.send)
     report = SendReport()
     for dest_id, items in _due(db, now).items():
         with db.session() as s:

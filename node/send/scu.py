@@ -17,7 +17,7 @@ import socket
 import ssl
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from node.network.tls import client_context
 from storage.errors import TransferError
 
 __all__ = ["Peer", "associate", "echo_peer", "store"]
@@ -52,6 +53,7 @@ class Peer:
     cert_file: Path | None = None
     key_file: Path | None = None
     ca_file: Path | None = None
+    key_password: str | None = field(default=None, repr=False)
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 60.0
@@ -71,10 +73,7 @@ class _NoDelayAE(AE):
 def _tls_context(peer: Peer) -> tuple[ssl.SSLContext, str] | None:
     if not peer.tls:
         return None
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
-                                     cafile=str(peer.ca_file) if peer.ca_file else None)
-    if peer.cert_file and peer.key_file:
-        ctx.load_cert_chain(str(peer.cert_file), str(peer.key_file))
+    ctx = client_context(peer.ca_file, peer.cert_file, peer.key_file, peer.key_password)
     return ctx, peer.host
 
 

@@ -42,7 +42,7 @@ from storage.ingest.header import (
     routing_attributes,
 )
 from storage.ingest.ingestor import Ingestor, IngestOutcome, IngestResult
-from storage.ingest.recovery import verify_recent
+from storage.ingest.recovery import sweep_unrecorded, verify_recent
 
 __all__ = [
     "ROUTING_KEYWORDS",
@@ -55,5 +55,6 @@ __all__ = [
     "read_file_header",
     "read_header",
     "routing_attributes",
+    "sweep_unrecorded",
     "verify_recent",
 ]

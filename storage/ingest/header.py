@@ -8,6 +8,7 @@ conversion to routable values live here and routing uses them.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -21,12 +22,15 @@ from pydicom.errors import InvalidDicomError
 from storage.dicom_values import json_value
 from storage.errors import InputError
 from storage.filestore import valid_uid
+from storage.ingest.pixels import check_native_pixel_length
+from storage.part10 import file_meta as part10_scan_meta
 from storage.part10 import scan as part10_scan
 
 __all__ = [
     "ROUTING_KEYWORDS",
     "InstanceHeader",
     "header_attributes",
+    "read_checked_header",
     "read_file_header",
     "read_header",
     "routing_attributes",
@@ -66,9 +70,12 @@ ROUTING_KEYWORDS: tuple[str, ...] = (
 )
 _IDENTITY_KEYWORDS = ("PatientID", "PatientName", "AccessionNumber", "StudyDate")
 _UID_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
-_HEADER_TAGS = list(
-    dict.fromkeys(_UID_KEYWORDS + ROUTING_KEYWORDS + _IDENTITY_KEYWORDS + ("InstanceNumber",))
-)
+# The image geometry, for the native Pixel Data length check (storage.ingest.pixels).
+_GEOMETRY_KEYWORDS = ("SamplesPerPixel", "BitsAllocated", "NumberOfFrames")
+_HEADER_TAGS = list(dict.fromkeys(
+    _UID_KEYWORDS + ROUTING_KEYWORDS + _IDENTITY_KEYWORDS + ("InstanceNumber",)
+    + _GEOMETRY_KEYWORDS
+))
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,15 +114,47 @@ def _int(values: dict[str, Any], keyword: str) -> int | None:
         return None
 
 
+# The most a Deflated Explicit VR data set may inflate to at the receiver. pydicom
+# inflates the whole stream in memory before reading one element, so a few MB of
+# deflated zeros (a "deflate bomb") would otherwise cost the process gigabytes.
+MAX_INFLATED = 64 << 20
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+
+
+def _check_inflated_size(part10: bytes) -> None:
+    """Refuse a deflated data set that inflates past MAX_INFLATED, inflating in bounded
+    steps (never more than MAX_INFLATED held at once)."""
+    meta = part10_scan_meta(part10)
+    if meta is None or meta[0] != _DEFLATED:
+        return
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    data = memoryview(part10)[meta[1]:]
+    total = 0
+    try:
+        while data:
+            out = inflater.decompress(data, 1 << 20)
+            total += len(out)
+            if total > MAX_INFLATED:
+                raise InputError(f"deflated data set inflates past {MAX_INFLATED >> 20} MB")
+            data = memoryview(inflater.unconsumed_tail)
+            if not out and not data:
+                break
+    except zlib.error as exc:
+        raise InputError(f"deflated data set is not a valid deflate stream: {exc}") from exc
+
+
 def _pydicom_values(part10: bytes) -> dict[str, Any]:
+    _check_inflated_size(part10)
     try:
         ds = pydicom.dcmread(
             BytesIO(part10), stop_before_pixels=True, specific_tags=_HEADER_TAGS
         )
         return {k: ds.get(k) for k in _HEADER_TAGS}
-    except (InvalidDicomError, ValueError, TypeError, KeyError, EOFError, OSError,
-            NotImplementedError) as exc:
-        raise InputError(f"unparseable dataset: {exc}") from exc
+    except Exception as exc:
+        # Whatever pydicom raises on hostile bytes (the fuzz harness found RecursionError
+        # for deeply nested sequences, which answered 0xC211 unaudited) is the sender's
+        # data set that cannot be understood, never the node's internal error.
+        raise InputError(f"unparseable dataset: {type(exc).__name__}: {exc}"[:300]) from exc
 
 
 def read_header(part10: bytes) -> InstanceHeader:
@@ -126,10 +165,21 @@ def read_header(part10: bytes) -> InstanceHeader:
     by pydicom. Raises InputError naming what is wrong; never returns a
     header whose UIDs could not serve as spool path components.
     """
+    return _header(_values(part10))
+
+
+def read_checked_header(part10: bytes, transfer_syntax_uid: str) -> InstanceHeader:
+    """``read_header``, and refuse native Pixel Data whose length disagrees with the
+    geometry (InputError): what the receiver reads before it writes anything."""
+    values = _values(part10)
+    header = _header(values)
+    check_native_pixel_length(part10, transfer_syntax_uid, values)
+    return header
+
+
+def _values(part10: bytes) -> dict[str, Any]:
     values = part10_scan(part10, _HEADER_TAGS)
-    if values is None:
-        values = _pydicom_values(part10)
-    return _header(values)
+    return values if values is not None else _pydicom_values(part10)
 
 
 def _header(values: dict[str, Any]) -> InstanceHeader:

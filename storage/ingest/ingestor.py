@@ -19,9 +19,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from storage.audit import audit
 from storage.db import Database
 from storage.errors import ConflictError, InputError, OutOfSpaceError, StorageError
-from storage.filestore import FileStore, StoredFile, valid_uid
+from storage.filestore import FileStore, StoredFile, valid_uid, write_error
 from storage.ingest.committer import GroupCommitter, Peer, Recorded, Row
-from storage.ingest.header import InstanceHeader, read_header
+from storage.ingest.header import InstanceHeader, read_checked_header
 from storage.ingest.recovery import remove_rows
 from storage.models import Instance
 
@@ -67,7 +67,8 @@ class Ingestor:
     ) -> IngestResult:
         """Persist one instance (file + rows + audit) before the caller acknowledges it.
 
-        Raises OutOfSpaceError (nothing written), InputError (nothing written),
+        Raises OutOfSpaceError (nothing written), InputError (nothing written; also
+        native Pixel Data whose length disagrees with its geometry),
         ConflictError (the new bytes kept in quarantine) or StorageError; each
         refusal is audited before it is raised.
         """
@@ -78,7 +79,7 @@ class Ingestor:
                                 sop_instance_uid=affected_sop_instance_uid)
             raise
         try:
-            header = read_header(part10)
+            header = read_checked_header(part10, transfer_syntax_uid)
             if (affected_sop_instance_uid
                     and affected_sop_instance_uid.strip() != header.sop_instance_uid):
                 raise InputError("dataset SOP Instance UID differs from the C-STORE request")
@@ -97,6 +98,10 @@ class Ingestor:
         except FileExistsError:
             sha = hashlib.sha256(part10).hexdigest()
             return self._file_exists(header, part10, sha, transfer_syntax_uid, peer)
+        except OutOfSpaceError as exc:  # the file system filled during the write
+            self._audit_refusal("instance.rejected", peer, "disk_full", str(exc),
+                                sop_instance_uid=header.sop_instance_uid)
+            raise
         except OSError as exc:
             raise StorageError(f"cannot write instance: {exc}") from exc
         # The file stays locked until its row is committed (or refused): a concurrent
@@ -210,8 +215,17 @@ class Ingestor:
                     done = None
                 if done is not None:
                     self._forget(done, stored, reason=f"fsync failed: {exc}")
-                raise StorageError(f"cannot make the instance durable: {exc}") from exc
-        recorded = pending.result()
+                else:
+                    stored.path.unlink(missing_ok=True)
+                raise write_error("cannot make the instance durable", exc) from exc
+        try:
+            recorded = pending.result()
+        except StorageError:
+            if durable is not None:
+                # Written by this store, recorded nowhere, never acknowledged (a database
+                # outage): it goes now, so the spool holds no file without its row.
+                stored.path.unlink(missing_ok=True)
+            raise
         if recorded is not None:
             return IngestResult(IngestOutcome.STORED, recorded.instance_id, recorded.series_id,
                                 stored.relpath, reopened=recorded.reopened)

@@ -22,7 +22,7 @@ from storage.errors import StorageError
 from storage.filestore import FileStore
 from storage.models import Instance, Series
 
-__all__ = ["remove_rows", "verify_recent"]
+__all__ = ["remove_rows", "sweep_unrecorded", "verify_recent"]
 
 log = logging.getLogger(__name__)
 
@@ -75,5 +75,39 @@ def verify_recent(db: Database, store: FileStore, window_s: float = 10.0) -> lis
         remove_rows(s, bad)
     if removed:
         log.warning("removed rows of unacknowledged instances whose files were incomplete",
+                    extra={"count": len(removed)})
+    return removed
+
+
+def sweep_unrecorded(db: Database, store: FileStore) -> list[str]:
+    """At start-up, before the port opens: remove and audit spool files that no row records.
+
+    Why: a store links its file into the spool before its row commits (the
+    two waits overlap, see ``Ingestor._record``); a SIGKILL of the whole
+    process group in between leaves a complete file whose instance was never
+    acknowledged and is recorded nowhere. Left there, the spool holds more
+    files than the database knows, and retention never removes them. The
+    sender still owns such an instance and sends it again. Returns the spool
+    paths removed (relative to the spool).
+    """
+    with db.session() as s:
+        recorded = set(s.scalars(select(Instance.path)))
+    removed: list[str] = []
+    for path in store.spool.rglob("*.dcm"):
+        rel = path.relative_to(store.spool).as_posix()
+        if rel.startswith(".") or rel in recorded:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        removed.append(rel)
+    if removed:
+        with db.session() as s:
+            for rel in removed:
+                sop = rel.rsplit("/", 1)[-1].removesuffix(".dcm")
+                audit(s, "instance.unrecorded_removed", outcome="warning",
+                      sop_instance_uid=sop if len(sop) <= 64 else None, path=rel,
+                      reason="spool file without its row after an unclean stop "
+                             "(never acknowledged)")
+        log.warning("removed spool files that no row records (never acknowledged)",
                     extra={"count": len(removed)})
     return removed
