@@ -9,11 +9,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Debian packages the tests talk to: dcmtk (storescu/storescp/echoscu),
 # Orthanc (the PACS) with its DICOMweb plugin, dicom3tools (dciodvfy, the validator),
-# chromium + chromium-driver (the browser the web console is tested with).
-PEERS := dcmtk orthanc orthanc-dicomweb dicom3tools chromium chromium-driver
+# chromium + chromium-driver (the browser the web console is tested with), and the
+# brokers of Celery dispatch, RabbitMQ and Redis (tests/test_celery_dispatch.py).
+PEERS := dcmtk orthanc orthanc-dicomweb dicom3tools chromium chromium-driver rabbitmq-server redis-server
 PYTEST_ARGS ?=
 
-.PHONY: help venv peers services test test-fast demo lint fuzz soak bench bench-ingest bench-stow bench-preprocess bench-writers bench-pipeline train-demo clean
+.PHONY: help venv peers services test test-fast demo lint fuzz soak bench bench-ingest bench-stow bench-preprocess bench-writers bench-pipeline bench-workers train-demo clean
 
 help:
 	@echo "make demo | test | test-fast | lint | bench | train-demo | clean"
@@ -37,6 +38,8 @@ peers:
 	test -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so || missing="$$missing orthanc-dicomweb"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
+	command -v rabbitmq-server >/dev/null || test -x /usr/sbin/rabbitmq-server || missing="$$missing rabbitmq-server"; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing DICOM test peers:$$missing"; \
@@ -46,7 +49,8 @@ peers:
 	  fi; \
 	fi
 
-# PostgreSQL for the database tests; the tests also start it themselves.
+# PostgreSQL, RabbitMQ and Redis for the database and dispatch tests; the tests also start
+# them themselves.
 services:
 	@$(BIN)/python -m tests.support.services || true
 
@@ -95,6 +99,11 @@ bench-writers: $(STAMP)
 
 bench-pipeline: $(STAMP)
 	$(BIN)/python bench/bench_pipeline.py
+
+# Celery workers (1, 2) against the database-polling worker (1, 2): jobs/min and dispatch
+# latency, on PostgreSQL + RabbitMQ. BENCH_ARGS e.g. "--jobs 8 --latency 8 --burn-s 2".
+bench-workers: $(STAMP) services
+	$(BIN)/python bench/bench_workers.py $(BENCH_ARGS)
 
 # Demo weights: phantoms + randomised-appearance sets (pipelines/phantom/randomised.py,
 # which reads the real label maps and CTs of ../shared/data) + stage 1, stage 2, slice

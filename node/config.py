@@ -46,6 +46,7 @@ __all__ = [
     "InferenceConfig",
     "LoggingConfig",
     "NodeConfig",
+    "QueueConfig",
     "ResultKind",
     "SeriesConfig",
     "StorageConfig",
@@ -343,6 +344,26 @@ def read_secret(path: Path, what: str) -> str:
         raise ConfigError(f"{what}: cannot read secret file {path}") from exc
 
 
+class QueueConfig(_Section):
+    """Dispatch through Celery (node.queue); without ``broker_url`` jobs run in-process."""
+
+    broker_url: str | None = Field(
+        default=None, description="amqp://user:pass@host:5672/vhost (RabbitMQ) or "
+        "redis://host:6379/0; unset: `ainode serve` runs jobs itself, no broker")
+    consumer_timeout_s: Annotated[float, Field(gt=0)] = Field(
+        default=1800.0, description="the broker's limit on an unacknowledged message: "
+        "RabbitMQ's consumer_timeout (rabbitmq.conf; its default is 30 min); workers "
+        "refuse to start when it is not above inference.job_timeout_s")
+    publish_grace_s: Annotated[float, Field(gt=0)] = Field(
+        default=300.0, description="the sweep re-publishes a queued job whose last "
+        "message is older than this")
+    sweep_interval_s: Annotated[float, Field(gt=0)] = 30.0
+    lease_s: Annotated[float, Field(ge=1)] = 60.0
+    pipeline_queues: dict[str, str] = Field(
+        default_factory=dict, description="pipeline name -> queue, over the device class "
+        "its package declares (cpu, gpu)")
+
+
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     format: Literal["keyvalue", "json"] = "keyvalue"
@@ -373,6 +394,7 @@ class NodeConfig(BaseSettings):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     web: WebConfig = Field(default_factory=WebConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
+    queue: QueueConfig = Field(default_factory=QueueConfig)
 
     @field_validator("destinations")
     @classmethod

@@ -11,6 +11,11 @@ in any order, on any interval, be interrupted at any point and run again:
                      has an in-process worker (``ainode worker`` runs them otherwise)
 * ``send_results``   retry due transfers (node.send) and record per-job turnaround
 * ``clean_spool``    delete received files past retention, never with unfinished work
+* ``sweep_queue``    with Celery dispatch only: re-publish queued jobs whose message
+                     may be lost (node.queue.publish)
+
+With a ``publisher`` (``queue.broker_url`` set), a job is published as a
+Celery task when routing creates it and when a lapsed lease requeues it.
 
 Why plain functions taking a ``Services`` bundle: tests call them directly and
 deterministically (``now=``), and the scheduler only decides *when*. A series
@@ -22,7 +27,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -62,6 +67,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_INTERVALS",
+    "JobPublisher",
     "RoutingOutcome",
     "Services",
     "clean_spool",
@@ -76,6 +82,7 @@ __all__ = [
     "route_series",
     "send_results",
     "skip_decision",
+    "sweep_queue",
 ]
 
 log = logging.getLogger(__name__)
@@ -87,7 +94,16 @@ DEFAULT_INTERVALS: dict[str, float] = {
     "dispatch_jobs": 5.0,
     "send_results": 5.0,
     "clean_spool": 3600.0,
+    "sweep_queue": 0.0,  # only with Celery dispatch: NodeService sets queue.sweep_interval_s
 }
+
+
+class JobPublisher(Protocol):
+    """What the tasks need of node.queue.Publisher (kept apart: celery stays optional here)."""
+
+    def publish(self, job_ids: Iterable[int], reason: str) -> list[int]: ...
+
+    def sweep(self) -> list[int]: ...
 
 
 def registry_model_version(pipeline: str, *, models_dir: Path | None = None,
@@ -112,6 +128,7 @@ class Services:
     model_version_of: Callable[[str], str] | None = None  # default: the configured models
     worker: Worker | None = None  # in-process job runner, if this process runs jobs
     send_due: Callable[[Database, FileStore, NodeConfig], Any] | None = None
+    publisher: JobPublisher | None = None  # Celery dispatch (node.queue), when configured
     extra: dict[str, Any] = field(default_factory=dict)
 
     def model_version(self, pipeline: str) -> str:
@@ -400,6 +417,8 @@ def route_series(services: Services, *, now: datetime | None = None,
              .order_by(Series.last_received_at, Series.id).limit(limit))
         for series in session.scalars(q):
             outcomes.append(_route_one(session, services, series, rules, versions, now))
+    if services.publisher is not None:  # after the commit: a worker must find the row
+        services.publisher.publish([j for o in outcomes for j in o.jobs_created], "routed")
     return outcomes
 
 
@@ -412,10 +431,19 @@ def dispatch_jobs(services: Services) -> int:
     Returns the number of jobs requeued plus the number run here.
     """
     requeued = job_store.requeue_expired(services.db)
+    if services.publisher is not None:
+        services.publisher.publish(requeued, "requeued")
     ran = 0
     if services.worker is not None:
         ran = services.worker.run_available()
     return len(requeued) + ran
+
+
+def sweep_queue(services: Services) -> int:
+    """Re-publish queued jobs whose message may be lost (Celery dispatch only)."""
+    if services.publisher is None:
+        return 0
+    return len(services.publisher.sweep())
 
 
 # -- sending and turnaround ----------------------------------------------------------------
@@ -546,6 +574,7 @@ def register_tasks(scheduler: _Scheduler, services: Services,
         "dispatch_jobs": dispatch_jobs,
         "send_results": send_results,
         "clean_spool": clean_spool,
+        "sweep_queue": sweep_queue,
     }
     chosen = {**DEFAULT_INTERVALS, **(intervals or {})}
     ids = []

@@ -13,7 +13,11 @@ Jobs run in a separate worker (node.worker) that claims them from the
 database. By default the node runs one in-process, on a thread, so a single
 machine needs nothing else; with ``run_jobs=False`` (``ainode serve
 --no-jobs``) the node only receives, routes and sends, and ``ainode worker``
-processes on GPU machines sharing the database run the jobs.
+processes on GPU machines sharing the database run the jobs. With
+``queue.broker_url`` set, the node runs no jobs itself either: it publishes
+each ready job to the broker (node.queue) for ``ainode worker --celery``
+processes, and sweeps for jobs whose message was lost. Without it, nothing
+here changes and no broker is needed.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import contextlib
 import logging
 import threading
 from datetime import UTC
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.exc import SQLAlchemyError
@@ -37,6 +41,9 @@ from storage.errors import ConfigError, NodeError
 from storage.filestore import FileStore
 from storage.ingest import sweep_unrecorded, verify_recent
 from storage.migrate import db_reason
+
+if TYPE_CHECKING:
+    from node.orchestration import Services
 
 __all__ = ["NodeService", "default_workers"]
 
@@ -76,6 +83,7 @@ class NodeService:
         self._jobs_thread: threading.Thread | None = None
         self.web: Any = None  # node.web.WebServer when config.web.enabled
         self._audit_trail: AuditTrail | None = None
+        self._node_name: str | None = None  # its workers-table row, with Celery dispatch
 
     @property
     def port(self) -> int:
@@ -134,14 +142,16 @@ class NodeService:
         with self.db.session() as s:
             destinations.sync_from_config(s, self.config.destinations, actor="config")
         services = Services(self.config, self.db, self.store, send_due=send_due)
+        intervals = {"close_series": self.completion_interval_s}
+        if self.config.queue.broker_url:
+            intervals["sweep_queue"] = self._start_dispatch(services)
         # close_series on the service's own tick (every second by default): a quiet
         # series should not wait a whole routing interval to complete.
         # dispatch_jobs without services.worker only requeues orphaned jobs; the
         # worker thread below claims jobs as soon as they are queued.
-        register_tasks(self.scheduler, services,
-                       {"close_series": self.completion_interval_s})
+        register_tasks(self.scheduler, services, intervals)
         self._start_audit_trail()
-        if self.run_jobs:
+        if self.run_jobs and services.publisher is None:
             worker = Worker(self.db, self.store, self.config)
             requeued = worker.recover()
             if requeued:
@@ -177,6 +187,7 @@ class NodeService:
             alive["local job worker"] = (self._jobs_thread is not None
                                          and self._jobs_thread.is_alive())
         return alive
+
     def _start_audit_trail(self) -> None:
         """Seal audit rows onto the hash chain (and forward them) on the scheduler."""
         trail = AuditTrail(self.config.audit, self.db, source_id=self.config.dicom.ae_title)
@@ -185,6 +196,26 @@ class NodeService:
                                id="audit-seal", max_instances=1, coalesce=True,
                                replace_existing=True)
         self._audit_trail = trail
+
+    def _start_dispatch(self, services: Services) -> float:
+        """Celery dispatch (``queue.broker_url``): jobs go to ``ainode worker --celery``
+        processes instead of the local worker; returns the sweep's interval."""
+        from node.queue import Publisher, celery_app
+        from storage import workers as worker_rows
+        from storage.jobs import new_worker_id
+
+        publisher = Publisher(celery_app(self.config), self.db, self.config)
+        services.publisher = publisher
+        # The node's own row: a Celery worker on SQLite checks it is on the same host.
+        self._node_name = new_worker_id()
+        worker_rows.register(self.db, self._node_name, kind="node", device="-",
+                             queues=[])
+        self.scheduler.add_job(worker_rows.record_heartbeat, "interval", seconds=10.0,
+                               args=(self.db, self._node_name), id="node-heartbeat",
+                               max_instances=1, coalesce=True, replace_existing=True)
+        log.info("jobs dispatched through the broker", extra={
+            "broker": _safe_broker(self.config.queue.broker_url or "")})
+        return self.config.queue.sweep_interval_s
 
     def stop(self, grace_s: float = 10.0) -> None:
         """Stop accepting, let stores in flight finish, stop workers, then the scheduler.
@@ -209,8 +240,26 @@ class NodeService:
             self._audit_trail.tick()  # the last rows, sealed before the process ends
             self._audit_trail.close()
             self._audit_trail = None
+        if self._node_name is not None:
+            from storage import workers as worker_rows
+
+            try:
+                worker_rows.set_stopped(self.db, self._node_name)
+            except Exception as exc:  # a report only; the node stops either way
+                log.warning("node state not recorded", extra={"error": str(exc)})
         self.db.dispose()
         log.info("node stopped")
 
     def worker_pids(self) -> list[int]:
         return self.receivers.pids()
+
+
+def _safe_broker(url: str) -> str:
+    """The broker URL without its password (secrets never logged)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return parts._replace(netloc=netloc).geturl()

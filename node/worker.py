@@ -45,6 +45,7 @@ from storage import jobs as job_store
 from storage.db import Database
 from storage.errors import NodeError
 from storage.filestore import FileStore
+from storage.workers import CurrentJobs
 
 __all__ = ["Worker"]
 
@@ -74,8 +75,10 @@ class Worker:
         load: Loader = default_load,
         write: Writer = default_write,
         queue: Queuer = default_queue,
+        current: CurrentJobs | None = None,
     ) -> None:
         self.db = db
+        self._current = current  # reports each job's start and end on the worker's row
         self.store = store
         self.config = config
         self.name = name or job_store.new_worker_id()
@@ -150,9 +153,25 @@ class Worker:
         for t in threads:
             t.join()
 
+    def run_claimed(self, job_id: int) -> None:
+        """Run a job this worker's name has already claimed (another runner's claim: a
+        Celery task's), within a device slot, with the same heartbeat and time limit."""
+        with self._slots:
+            _ = self.device  # before the job's clock starts
+            self._supervise(job_id)
+
     # -- one job ------------------------------------------------------------------------
     def _supervise(self, job_id: int) -> None:
         """Run the job on its own thread; renew the lease, enforce the time limit."""
+        if self._current is not None:
+            self._current.started(job_id)
+        try:
+            self._supervised(job_id)
+        finally:
+            if self._current is not None:
+                self._current.ended(job_id)
+
+    def _supervised(self, job_id: int) -> None:
         run = _Run()
         thread = threading.Thread(target=self._execute, args=(job_id, run),
                                   name=f"ainode-job-{job_id}", daemon=True)

@@ -39,6 +39,7 @@ __all__ = [
     "ACTIVE_STATES",
     "JobRequest",
     "cancel_job",
+    "claim_job",
     "claim_next",
     "ensure_job",
     "fail_job",
@@ -186,19 +187,48 @@ def claim_next(db: Database, worker: str, *, lease_s: float,
         job = session.scalars(q).first()
         if job is None:
             return None
-        now = utcnow()
-        job.state = JobState.RUNNING
-        job.worker = worker[:128]
-        job.attempts += 1
-        job.started_at = now
-        job.finished_at = None
-        job.lease_expires_at = now + timedelta(seconds=lease_s)
-        job.stage = "claimed"
-        audit(session, "job.started", actor=worker[:128], job_id=job.id,
-              attempt=job.attempts, **_series_uids(job))
-        log.info("job claimed", extra={"job_id": job.id, "worker": worker,
-                                       "attempt": job.attempts})
+        _start(session, job, worker, lease_s)
         return job.id
+
+
+def claim_job(db: Database, job_id: int, worker: str, *, lease_s: float,
+              pipelines: Sequence[str] | None = None) -> bool:
+    """Claim this one job for ``worker`` if it is queued; False when it is not claimable.
+
+    What a task-queue worker does with a message naming the job: the message
+    is only a hint, the row decides. A duplicate message, a stale one (the
+    job ran, was cancelled, or is held under a live lease by another worker)
+    or one for a pipeline this worker cannot run finds nothing to claim.
+    """
+    with write_session(db) as session:
+        q = select(Job).where(Job.id == job_id, Job.state == JobState.QUEUED)
+        if pipelines is not None:
+            q = q.where(Job.pipeline.in_(list(pipelines)))
+        if not db.is_sqlite:
+            # Wait for the row, not skip it: whoever holds its lock (another claimer of a
+            # duplicate message, the publisher stamping it) is done in milliseconds, and
+            # the state we then read is the answer. Skipping would drop a good message.
+            q = q.with_for_update()
+        job = session.scalars(q).first()
+        if job is None:
+            return False
+        _start(session, job, worker, lease_s)
+        return True
+
+
+def _start(session: Session, job: Job, worker: str, lease_s: float) -> None:
+    now = utcnow()
+    job.state = JobState.RUNNING
+    job.worker = worker[:128]
+    job.attempts += 1
+    job.started_at = now
+    job.finished_at = None
+    job.lease_expires_at = now + timedelta(seconds=lease_s)
+    job.stage = "claimed"
+    audit(session, "job.started", actor=worker[:128], job_id=job.id,
+          attempt=job.attempts, **_series_uids(job))
+    log.info("job claimed", extra={"job_id": job.id, "worker": worker,
+                                   "attempt": job.attempts})
 
 
 def _owned(session: Session, job_id: int, worker: str) -> Job:
@@ -372,6 +402,7 @@ def retry_job(session: Session, job_id: int, *, actor: str) -> Job:
     job.stage = None
     job.worker = None
     job.finished_at = None
+    job.published_at = None  # no message for this attempt yet: the next sweep sends one
     audit(session, "job.retried", actor=actor, job_id=job.id, **_series_uids(job))
     return job
 

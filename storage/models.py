@@ -58,6 +58,7 @@ __all__ = [
     "User",
     "UserRole",
     "WebSession",
+    "WorkerState",
     "utcnow",
 ]
 
@@ -310,6 +311,11 @@ class Job(Base):
     # No foreign key on purpose: adding one makes SQLite copy and drop the jobs table,
     # and the drop would cascade to findings and outputs. The id is informative.
     supersedes_job_id: Mapped[int | None] = mapped_column(Integer)
+    # Task-queue dispatch (node.queue): the queue the job's last message went to and
+    # when. The message is only a wake-up; the sweep re-publishes a queued job whose
+    # last publish is older than the grace period (a purged queue, a lost message).
+    queue: Mapped[str | None] = mapped_column(String(64))
+    published_at: Mapped[datetime | None]
 
     series: Mapped[Series] = relationship(back_populates="jobs")
     findings: Mapped[list[Finding]] = relationship(back_populates="job")
@@ -501,3 +507,25 @@ class NodeHeartbeat(Base):
     last_seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     stopped_at: Mapped[datetime | None]
     details: Mapped[dict[str, Any]] = mapped_column(default=dict)  # port, receiver processes
+
+
+class WorkerState(Base):
+    """One job-running process as it last reported itself (``ainode status``, ``jobs list``).
+
+    Written by the worker itself: a row per process name, its heartbeat renewed
+    while it lives. It says who is there to take which queue's work; the job
+    rows, not this table, decide who holds a job.
+    """
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)  # host:pid:nonce
+    kind: Mapped[str] = mapped_column(String(16), default="celery")  # celery | polling
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    device: Mapped[str] = mapped_column(String(32))
+    queues: Mapped[list[Any]] = mapped_column(default=list)
+    state: Mapped[str] = mapped_column(String(16), default="idle")  # idle|running|stopped
+    current_job_id: Mapped[int | None] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

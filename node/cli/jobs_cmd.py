@@ -8,12 +8,14 @@ import typer
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
+from node.cli import workers_view
 from node.cli.context import get
 from node.cli.output import emit
 from node.orchestration import evaluate_series, registry_model_version
 from node.routing import store as rule_store
 from pipelines.results import people_probability
 from storage import jobs as job_store
+from storage import workers as worker_store
 from storage.audit import os_actor
 from storage.errors import InputError
 from storage.models import (
@@ -69,7 +71,7 @@ def _send_states(session: Session, job_ids: list[int]) -> dict[int, str]:
     return {j: send_state(v) for j, v in found.items()}
 
 
-def _row(job: Job) -> dict[str, Any]:
+def _row(job: Job, live: set[str] | None = None) -> dict[str, Any]:
     return {
         "id": job.id, "state": job.state, "priority": job.priority,
         "series": job.series.series_instance_uid, "rule": job.rule_key,
@@ -83,6 +85,9 @@ def _row(job: Job) -> dict[str, Any]:
         # The verdict of a done job; None (shown "-") while unfinished, failed, or older.
         "outcome": job.outcome, "outcome_reason": job.outcome_reason,
         "supersedes": getattr(job, "supersedes_job_id", None),
+        # Celery dispatch: the queue of its last message, and why a queued job waits.
+        "queue": job.queue, "published_at": job.published_at,
+        "waiting": None if live is None else workers_view.waiting_reason(job, live),
     }
 
 
@@ -104,11 +109,22 @@ def list_jobs(
         q = q.where(Job.outcome == outcome)
     if series is not None:
         q = q.join(Series).where(Series.series_instance_uid == series)
-    with get(ctx).db.session() as s:
+    db = get(ctx).db
+    live = worker_store.live_queues(db)
+    with db.session() as s:
         jobs = list(s.scalars(q))
         sends = _send_states(s, [j.id for j in jobs])
-        rows = [{**_row(j), "send": sends[j.id]} for j in jobs]
+        rows = [{**_row(j, live), "send": sends[j.id]} for j in jobs]
     emit(rows, COLUMNS, as_json=as_json, title="jobs", wide_columns=ALL_COLUMNS)
+    if as_json:
+        return
+    # Beside the jobs, not as more of their columns: who runs them, and what waits why.
+    waiting = [r for r in rows if r["waiting"]]
+    if waiting:
+        emit(waiting, ("id", "pipeline", "queue", "waiting"), as_json=False, title="waiting")
+    workers = workers_view.worker_rows(db)
+    if workers:
+        emit(workers, workers_view.WORKER_COLUMNS, as_json=False, title="workers")
 
 
 @app.command("show")

@@ -11,6 +11,7 @@ import typer
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from node.cli import workers_view
 from node.cli.context import get
 from node.cli.output import emit
 from node.heartbeat import NodeState, node_state
@@ -110,12 +111,17 @@ def status(
         "turnaround_jobs_24h": len(turnarounds),
         "turnaround_median_s": None if not turnarounds else statistics.median(turnarounds),
         "turnaround_p95_s": percentile(turnarounds, 95),
+        # Celery dispatch (issue 17): queued jobs no live worker consumes, and the workers.
+        "queued_without_worker": workers_view.queued_without_worker(app_ctx.db),
     }
+    workers = workers_view.worker_rows(app_ctx.db)
     if as_json:
-        emit([info], (), as_json=True)
+        emit([{**info, "workers": workers}], (), as_json=True)
         return
     rows = [{"item": k, "value": _shown(val)} for k, val in info.items() if k != "node_up"]
     emit(rows, ("item", "value"), as_json=False, title="ainode status")
+    if workers:
+        emit(workers, workers_view.WORKER_COLUMNS, as_json=False, title="workers")
 
 
 def _shown(val: Any) -> Any:

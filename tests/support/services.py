@@ -1,4 +1,4 @@
-"""Start the machine's PostgreSQL when it is not running (CI starts from a cold machine).
+"""Start the machine's PostgreSQL, RabbitMQ and Redis when not running (CI starts cold).
 
 Run as ``python -m tests.support.services`` from the Makefile; the fixtures
 call :func:`ensure_postgres` too, so a test run never depends on the order.
@@ -12,7 +12,8 @@ import subprocess
 import time
 from pathlib import Path
 
-__all__ = ["POSTGRES_ADMIN_URL", "ensure_postgres", "port_open"]
+__all__ = ["POSTGRES_ADMIN_URL", "RABBITMQ_PORT", "REDIS_PORT", "ensure_postgres",
+           "ensure_rabbitmq", "ensure_redis", "port_open", "rabbitmqctl"]
 
 POSTGRES_HOST = "127.0.0.1"
 POSTGRES_PORT = 5432
@@ -45,6 +46,55 @@ def ensure_postgres(timeout_s: float = 60.0) -> bool:
     return False
 
 
+RABBITMQ_PORT = 5672
+REDIS_PORT = 6379
+
+
+def _wait_port(port: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if port_open(POSTGRES_HOST, port):
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def rabbitmqctl(*args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """The broker's own admin tool (vhosts, permissions, stop_app/start_app)."""
+    tool = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
+    return subprocess.run([tool, *args], capture_output=True, text=True, timeout=timeout_s,
+                          check=False)
+
+
+def ensure_rabbitmq(timeout_s: float = 90.0) -> bool:
+    """True once RabbitMQ accepts AMQP on 127.0.0.1:5672, starting it if needed
+    (``rabbitmqctl start_app`` first: a test that stopped the app and died leaves that)."""
+    if port_open(POSTGRES_HOST, RABBITMQ_PORT):
+        return True
+    if rabbitmqctl("start_app", timeout_s=timeout_s).returncode != 0:
+        if shutil.which("service"):
+            subprocess.run(["service", "rabbitmq-server", "start"], capture_output=True,
+                           timeout=timeout_s, check=False)
+        elif shutil.which("rabbitmq-server"):
+            subprocess.run(["rabbitmq-server", "-detached"], capture_output=True,
+                           timeout=timeout_s, check=False)
+    return _wait_port(RABBITMQ_PORT, timeout_s)
+
+
+def ensure_redis(timeout_s: float = 30.0) -> bool:
+    """True once Redis answers on 127.0.0.1:6379, starting it if needed."""
+    if port_open(POSTGRES_HOST, REDIS_PORT):
+        return True
+    if shutil.which("redis-server"):
+        subprocess.run(["redis-server", "--bind", "127.0.0.1", "--port", str(REDIS_PORT),
+                        "--daemonize", "yes"], capture_output=True, timeout=timeout_s,
+                       check=False)
+    return _wait_port(REDIS_PORT, timeout_s)
+
+
 if __name__ == "__main__":
-    ok = ensure_postgres()
-    print(f"postgresql on {POSTGRES_HOST}:{POSTGRES_PORT}: {'up' if ok else 'NOT AVAILABLE'}")
+    for name, ensure, where in (("postgresql", ensure_postgres, POSTGRES_PORT),
+                                ("rabbitmq", ensure_rabbitmq, RABBITMQ_PORT),
+                                ("redis", ensure_redis, REDIS_PORT)):
+        ok = ensure()
+        print(f"{name} on {POSTGRES_HOST}:{where}: {'up' if ok else 'NOT AVAILABLE'}")
