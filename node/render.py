@@ -95,6 +95,10 @@ def render_series(db: Database, store: FileStore, series_uid: str, out: Path, *,
     legend = [NOT_FOR_DIAGNOSIS, *legend]  # as on the Secondary Capture
     try:
         return list(render_pngs(sources, layers, legend, out, all_slices=all_slices))
+    except InputError as exc:
+        # The writer names the instance and its transfer syntax; the operator asked for a
+        # series, so the line names that too.
+        raise InputError(f"cannot render series {series_uid}: {exc}"[:400]) from exc
     except (ValueError, AttributeError) as exc:
         # Pixel data pydicom cannot decode (stored before the receiver checked its
         # length, or by another writer): one line and an exit code, not a traceback.

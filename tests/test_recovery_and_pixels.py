@@ -143,5 +143,6 @@ def test_render_of_a_series_with_undecodable_pixels_is_a_one_line_refusal(
         committer.submit(Row(h, stored, _EXPLICIT, PEER)).result(timeout=30)
     finally:
         committer.close()
-    with pytest.raises(InputError, match="pixel data cannot be decoded"):
+    with pytest.raises(InputError,
+                       match=r"cannot render series [0-9.]+: cannot decode the pixels of "):
         render_series(sqlite_db, filestore, h.series_uid, tmp_path / "png")

@@ -193,6 +193,19 @@ def _login(driver: object, url: str, user: str, password: str) -> None:
              what="the login to go through")
 
 
+def _text_of(driver: object, element_id: str) -> str | None:
+    """The element's text once the page holding it has settled, or None while it is absent
+    or belongs to a page the browser is leaving (Chromium then calls it stale)."""
+    from selenium.common.exceptions import WebDriverException
+    from selenium.webdriver.common.by import By
+
+    try:
+        found = driver.find_elements(By.ID, element_id)  # type: ignore[attr-defined]
+        return str(found[0].text) if found else None
+    except WebDriverException:
+        return None
+
+
 def test_browser_sees_what_arrived_and_the_result_and_roles_hold(setup: Setup) -> None:
     import pydicom
     from selenium.webdriver.common.by import By
@@ -242,14 +255,17 @@ def test_browser_sees_what_arrived_and_the_result_and_roles_hold(setup: Setup) -
         d.get(f"{url}/rules?test_rule=web-ct&series_uid={mr_series}")
         assert "web-ct matches 1" in d.find_element(By.ID, "replay").text  # the phantom
         assert "does not equal" in d.find_element(By.ID, "rule-test").text  # MR is not CT
-        d.get(url + "/destinations")
         for name, says in (("orthanc-dicom", "echo succeeded"), ("orthanc-web",
                                                                  "echo succeeded")):
+            # A fresh page each time: the previous echo's result must not be read as this
+            # one's while the browser is still leaving the old page (a stale element).
+            d.get(url + "/destinations")
+            assert not d.find_elements(By.ID, "echo-result")
             d.find_element(By.CSS_SELECTOR,
                            f'form[action="/destinations/{name}/echo"] button').click()
-            result = wait_for(lambda: d.find_elements(By.ID, "echo-result"), timeout=30,
-                              what="the echo result")
-            assert result[0].text == f"{name}: {says}"
+            text = wait_for(lambda: _text_of(d, "echo-result"), timeout=30,
+                            what="the echo result")
+            assert text == f"{name}: {says}"
         d.get(url + "/rules/edit")
         assert d.find_element(By.ID, "rule-editor")
         shot(d, "rule-editor")
