@@ -12,6 +12,7 @@ burns the Secondary Capture overlay. Used by ``ainode render`` and the demo.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +61,7 @@ def legend_lines(findings: list[Finding]) -> list[str]:
 
 
 def _render_evidence(store: FileStore, pmap_paths: list[str],
-                     sources: list[pydicom.Dataset], legend: list[str],
+                     sources: Sequence[pydicom.Dataset], legend: list[str],
                      out: Path) -> list[Path]:
     """The evidence PNGs (``evidence_*.png``) from the job's Parametric Maps, if it wrote any."""
     if not pmap_paths:

@@ -25,7 +25,7 @@ This module is light (numpy, scipy, pydantic): the package manifest imports it.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -207,7 +207,7 @@ def fit(p: npt.ArrayLike, y: npt.ArrayLike, method: Method = "temperature") -> S
     raise ValueError(f"unknown calibration method {method!r}")
 
 
-def reliability_png(path: Path, curves: dict[str, tuple[npt.ArrayLike, npt.ArrayLike]],
+def reliability_png(path: Path, curves: Mapping[str, tuple[Sequence[float], Sequence[bool]]],
                     title: str, bins: int = BINS) -> Path:
     """A reliability diagram: per curve, positive rate against mean score per bin, with ECE."""
     import matplotlib

@@ -34,7 +34,6 @@ from pipelines.pancreas import build_pipeline
 from pipelines.pancreas.model import PancreasPipeline
 from pipelines.pancreas.output import PancreasReport
 from pipelines.phantom import Phantom, PhantomSpec, generate, phantom_to_sitk
-from pipelines.preprocess import resample_like
 from storage.db import Database
 from storage.filestore import FileStore
 from storage.models import Instance, Job, Output, Series, Study

@@ -140,7 +140,7 @@ def write_pmap(result: AnalysisResult, sources: Sequence[pydicom.Dataset], *,
                     extra={"pipeline": result.pipeline})
         return []
     series_uid = hd.UID()
-    out = []
+    out: list[pydicom.Dataset] = []
     for ev in result.evidence:
         pm = _pmap(result, sources, ev, series_uid, series_number, len(out) + 1)
         if pm is not None:
