@@ -1,5 +1,9 @@
 """PNG slices of a received series with the node's outlines and finding text.
 
+When the node wrote evidence maps for it (PMAP, for a destination that takes
+them), the slices they cover are rendered too, as the evidence SC shows them
+(``evidence_*.png``).
+
 Why: an engineer checking a result should not need a DICOM viewer. The slices
 come from the spool, the outlines from the newest SEG the node wrote for the
 series, the text from that job's findings; drawing is the same code that
@@ -8,6 +12,7 @@ burns the Secondary Capture overlay. Used by ``ainode render`` and the demo.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +60,18 @@ def legend_lines(findings: list[Finding]) -> list[str]:
     return lines
 
 
+def _render_evidence(store: FileStore, pmap_paths: list[str],
+                     sources: Sequence[pydicom.Dataset], legend: list[str],
+                     out: Path) -> list[Path]:
+    """The evidence PNGs (``evidence_*.png``) from the job's Parametric Maps, if it wrote any."""
+    if not pmap_paths:
+        return []
+    from pipelines.dicom_out.evidence import read_pmap, render_evidence_pngs
+
+    maps = [read_pmap(pydicom.dcmread(store.result_path(p))) for p in pmap_paths]
+    return render_evidence_pngs(sources, maps, legend, out)
+
+
 def render_series(db: Database, store: FileStore, series_uid: str, out: Path, *,
                   all_slices: bool = False) -> list[Path]:
     """Write the PNGs; returns their paths. InputError for an unknown or empty series."""
@@ -77,6 +94,14 @@ def render_series(db: Database, store: FileStore, series_uid: str, out: Path, *,
         findings = list(s.scalars(select(Finding).where(Finding.job_id == seg_row[1].id))
                         ) if seg_row else []
         legend = legend_lines(findings)
+        # The evidence maps of the newest job that wrote any (a destination took PMAP).
+        pmap_job = s.scalars(
+            select(Output.job_id).join(Job, Output.job_id == Job.id)
+            .where(Job.series_id == series.id, Output.kind == "PMAP")
+            .order_by(Output.created_at.desc(), Output.id.desc()).limit(1)).first()
+        pmap_paths = [o.path for o in s.scalars(
+            select(Output).where(Output.job_id == pmap_job, Output.kind == "PMAP")
+            .order_by(Output.id))] if pmap_job is not None else []
     if not paths:
         raise InputError(f"series {series_uid} has no stored instances")
     try:
@@ -94,7 +119,8 @@ def render_series(db: Database, store: FileStore, series_uid: str, out: Path, *,
         all_slices = True
     legend = [NOT_FOR_DIAGNOSIS, *legend]  # as on the Secondary Capture
     try:
-        return list(render_pngs(sources, layers, legend, out, all_slices=all_slices))
+        written = list(render_pngs(sources, layers, legend, out, all_slices=all_slices))
+        return written + _render_evidence(store, pmap_paths, sources, legend, out)
     except InputError as exc:
         # The writer names the instance and its transfer syntax; the operator asked for a
         # series, so the line names that too.

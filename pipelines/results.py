@@ -11,7 +11,10 @@ found in three lists, each item carrying its own codes and words:
   the probability, and optionally where it is, how large (long axis and
   volume), which segment it was measured on, further measurements and
   free details;
-* ``summary_text``: the one-line impression the SR and the job row carry.
+* ``summary_text``: the one-line impression the SR and the job row carry;
+* ``evidence``: optional maps of what drove the findings (a probability map,
+  a gradient attribution), 0..1 on the source grid, each naming the findings
+  it explains: the Parametric Map and the evidence Secondary Capture.
 
 A finding that refers to a segment marks that segment as a *finding region*
 (outlined in red on the GSPS and the Secondary Capture); a segment no finding
@@ -52,6 +55,7 @@ __all__ = [
     "AlgorithmInfo",
     "AnalysisResult",
     "Code",
+    "EvidenceMap",
     "Measurement",
     "ResultStatus",
     "ScoredFinding",
@@ -196,6 +200,30 @@ class ScoredFinding:
         return self.legend or self.caption_text()
 
 
+@dataclass(frozen=True, slots=True)
+class EvidenceMap:
+    """What drove one or more findings, voxel by voxel, on the source grid (values 0..1).
+
+    ``quantity`` says what the values are (a probability, an attribution); a
+    map explains the findings whose keys ``findings`` names (all of them when
+    empty). ``method`` says how it was computed, in words a reader of the
+    object's header can check (e.g. the layers a Grad-CAM used).
+    """
+
+    key: str  # unique in the result, e.g. "lesion-probability", "gradcam"
+    label: str  # short name a viewer shows (LO, 64)
+    quantity: Code
+    values: npt.NDArray[np.float32]  # (slices, rows, cols) on the source grid, 0..1
+    findings: tuple[str, ...] = ()
+    method: str = ""
+
+    def __post_init__(self) -> None:
+        if self.values.ndim != 3:
+            raise ValueError(f"evidence map {self.key!r} must be 3-D, not {self.values.shape}")
+        if len(self.label) > 64:
+            raise ValueError(f"evidence map label longer than 64 characters: {self.label!r}")
+
+
 @dataclass(slots=True)
 class AnalysisResult:
     """The output of one pipeline run on one series."""
@@ -213,6 +241,7 @@ class AnalysisResult:
     # Sentences about this result as a whole that the SR states as text items, e.g.
     # which earlier result of the same series it supersedes (set by the node).
     notes: tuple[str, ...] = ()
+    evidence: list[EvidenceMap] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.status not in ("assessed", "not_assessable"):
@@ -225,6 +254,12 @@ class AnalysisResult:
         for f in self.findings:
             if f.segment is not None and f.segment not in keys:
                 raise ValueError(f"finding {f.key!r} refers to no segment {f.segment!r}")
+        _unique("evidence map", [e.key for e in self.evidence])
+        fkeys = {f.key for f in self.findings}
+        for e in self.evidence:
+            missing = [k for k in e.findings if k not in fkeys]
+            if missing:
+                raise ValueError(f"evidence map {e.key!r} explains no finding {missing[0]!r}")
 
     @property
     def assessed(self) -> bool:

@@ -92,10 +92,12 @@ def _result(sources: list[pydicom.Dataset]) -> AnalysisResult:
 
 
 def test_built_in_kinds_and_their_facts() -> None:
-    assert registry.kinds() == ("SEG", "SR", "GSPS", "SC")  # write order: by series offset
+    # write order: by series offset; the evidence kinds (issue 20) only when accepted
+    assert registry.kinds() == ("SEG", "SR", "GSPS", "SC", "PMAP", "EVSC")
     assert registry.default_kinds() == ("SEG", "SR", "GSPS")
-    assert [registry.get(k).series_offset for k in registry.kinds()] == [0, 1, 2, 3]
+    assert [registry.get(k).series_offset for k in registry.kinds()] == [0, 1, 2, 3, 4, 5]
     assert registry.get("SC").needs_pixels and not registry.get("SEG").needs_pixels
+    assert registry.get("EVSC").needs_pixels and not registry.get("PMAP").needs_pixels
     assert "1.2.840.10008.5.1.4.1.1.66.4" in registry.result_sop_classes()
     with pytest.raises(InputError, match="unknown result kind 'PDF'; known: SEG, SR"):
         registry.get("PDF")

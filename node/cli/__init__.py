@@ -22,6 +22,7 @@ from typer.core import TyperGroup
 from node import __version__
 from node.cli import (
     audit_cmd,
+    calibrate_cmd,
     config_cmd,
     db_cmd,
     demo_cmd,
@@ -157,6 +158,7 @@ app.add_typer(models_cmd.app, name="models")
 app.command("train")(train_cmd.train)
 app.command("train-demo")(train_cmd.train_demo)
 app.command("evaluate")(evaluate_cmd.evaluate)
+app.command("calibrate")(calibrate_cmd.calibrate)
 app.add_typer(users_cmd.app, name="users")
 app.command("web")(web_cmd.web)
 

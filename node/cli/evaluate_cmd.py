@@ -49,11 +49,14 @@ def evaluate(
     set_name: Annotated[str | None, typer.Option(
         "--set-name", help="the test set's source, written into metrics.json/metrics.md "
         "(e.g. 'generator-v1 fresh', 'randomised-appearance')")] = None,
+    uncalibrated: Annotated[bool, typer.Option(
+        "--uncalibrated", help="ignore the package's calibration (score the raw values)")] =
+        False,
     compare: Annotated[tuple[Path, Path] | None, typer.Option(
         "--compare", help="print two evaluations (folders or metrics.json) side by side "
         "and exit; nothing is run")] = None,
 ) -> None:
-    """Run PIPELINE on every case of DATA and write metrics.json, metrics.md, roc/froc PNGs."""
+    """Run PIPELINE on DATA: metrics.json, metrics.md, ROC/FROC and reliability PNGs, ECE."""
     from pipelines.evaluation.run import compare_table, markdown_table
 
     if compare is not None:
@@ -76,11 +79,12 @@ def evaluate(
     if score_mode not in ("mean", "max", "classification", "lesion", "product"):
         raise InputError(f"unknown --score-mode {score_mode!r}")
     settings = PipelineSettings(candidate_fraction=candidate_fraction,
-                                score_mode=score_mode)  # type: ignore[arg-type]
+                                score_mode=score_mode,  # type: ignore[arg-type]
+                                calibrated=not uncalibrated, evidence_maps=False)
     pipe = build_pipeline(pipeline, models, device=device, settings=settings)
     metrics = run(data, out, pipe, n_boot=bootstrap, max_cases=max_cases,
                   progress=None if quiet else (lambda m: typer.echo(m, err=True)),
                   set_name=set_name)
     typer.echo(markdown_table(metrics))
     typer.echo(f"written: {out / 'metrics.json'}, {out / 'metrics.md'}, "
-               f"{out / 'roc.png'}, {out / 'froc.png'}")
+               f"{out / 'roc.png'}, {out / 'froc.png'}, {out / 'reliability.png'}")

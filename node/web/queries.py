@@ -192,7 +192,11 @@ def jobs(ctx: WebContext, *, state: str | None = None, limit: int = 100
 def _finding(f: Finding) -> dict[str, Any]:
     return {"kind": f.kind, "label": f.label, "probability": f.probability,
             "location": f.location, "diameter_mm": f.diameter_mm, "volume_ml": f.volume_ml,
-            "mean_hu": f.mean_hu, "legend": (f.details or {}).get("legend")}
+            "mean_hu": f.mean_hu, "legend": (f.details or {}).get("legend"),
+            # The score's name as the SR gives it, and whether the package calibrated it
+            # (issue 20): the console shows the one value and says which it is.
+            "score_name": (f.details or {}).get("score_name"),
+            "calibrated": bool((f.details or {}).get("calibrated"))}
 
 
 def series_detail(ctx: WebContext, series_uid: str, *, phi: bool) -> dict[str, Any] | None:

@@ -1,4 +1,4 @@
-"""The built-in writers (SEG, TID 1500 SR, GSPS, Secondary Capture) as registry entries.
+"""The built-in writers (SEG, TID 1500 SR, GSPS, Secondary Captures, evidence maps).
 
 Why here and not on the functions in seg.py, sr.py, gsps.py and sc.py: those
 modules import highdicom (most of a second of start-up and tens of MB), and
@@ -17,7 +17,7 @@ from pipelines.dicom_out.registry import WriterContext, writer
 if TYPE_CHECKING:
     import pydicom
 
-__all__ = ["gsps", "sc", "seg", "sr"]
+__all__ = ["evsc", "gsps", "pmap", "sc", "seg", "sr"]
 
 SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.4"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -25,6 +25,7 @@ COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 ENHANCED_SR = "1.2.840.10008.5.1.4.1.1.88.22"
 GRAYSCALE_PRESENTATION_STATE = "1.2.840.10008.5.1.4.1.1.11.1"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+PARAMETRIC_MAP = "1.2.840.10008.5.1.4.1.1.30"
 
 
 @writer("SEG", sop_classes=(SEGMENTATION,), series_offset=0, default=True,
@@ -60,3 +61,20 @@ def sc(ctx: WriterContext) -> Sequence[pydicom.Dataset]:
     from pipelines.dicom_out.sc import write_sc
 
     return write_sc(ctx.result, ctx.sources, series_number=ctx.series_number)
+
+
+# The evidence maps (issue 20): not defaults, a destination asks for them in `accepts`.
+@writer("PMAP", sop_classes=(PARAMETRIC_MAP,), series_offset=4,
+        description="Parametric Maps of the evidence (lesion probability, Grad-CAM)")
+def pmap(ctx: WriterContext) -> Sequence[pydicom.Dataset]:
+    from pipelines.dicom_out.evidence import write_pmap
+
+    return write_pmap(ctx.result, ctx.sources, series_number=ctx.series_number)
+
+
+@writer("EVSC", sop_classes=(SECONDARY_CAPTURE,), series_offset=5, needs_pixels=True,
+        description="Secondary Capture slices with the evidence map blended in colour")
+def evsc(ctx: WriterContext) -> Sequence[pydicom.Dataset]:
+    from pipelines.dicom_out.evidence import write_evidence_sc
+
+    return write_evidence_sc(ctx.result, ctx.sources, series_number=ctx.series_number)

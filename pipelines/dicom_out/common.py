@@ -143,6 +143,11 @@ def check_sources(result: AnalysisResult, sources: Sequence[pydicom.Dataset]) ->
            or (s.probability is not None and s.probability.shape != shape)]
     if odd:
         raise InputError(f"segments {', '.join(odd)} do not lie on the grid {shape} of the first")
+    for e in result.evidence:
+        rows, cols = int(sources[0].Rows), int(sources[0].Columns)
+        if e.values.shape != (len(uids), rows, cols):
+            raise InputError(f"evidence map {e.key} is {e.values.shape}, not on the source grid "
+                             f"{(len(uids), rows, cols)}")
     if shape is not None and shape[0] != len(uids):
         raise InputError(f"masks have {shape[0]} slices but {len(uids)} sources were given")
     if shape is not None:

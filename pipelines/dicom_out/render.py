@@ -180,10 +180,12 @@ def compose(gray: npt.NDArray[np.uint8], outlines: Sequence[tuple[npt.NDArray[np
     last, so they stay exactly on the mask edges even where a number touches
     them; later outlines win where two touch (findings come after the context).
     """
-    height, width = gray.shape
+    height, width = gray.shape[:2]
     plan = layout(width, height, legend, labels, key)
     img = Image.new("RGB", (width, height + plan.band_height), _LEGEND_BG)
-    img.paste(Image.fromarray(gray, mode="L").convert("RGB"), (0, 0))
+    base = Image.fromarray(gray, mode="RGB") if gray.ndim == 3 else \
+        Image.fromarray(gray, mode="L").convert("RGB")  # RGB: an evidence blend
+    img.paste(base, (0, 0))
     draw = ImageDraw.Draw(img)
     stroke = 1 if width >= 200 else 0
     for p in plan.labels:

@@ -87,6 +87,10 @@ class CaseRecord:
     # pancreas for Dice; an empty prediction or reference for HD95).
     dice: float = float("nan")
     hd95_mm: float = float("nan")
+    # The scores before the model package's calibration, when it applied one (issue 20):
+    # ``score`` and ``cand_conf`` are then the calibrated values a reader saw.
+    raw_score: float | None = None
+    raw_cand_conf: list[float] | None = None
 
     @property
     def max_conf(self) -> float:

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk  # noqa: N813
 
+from pipelines.evaluation.calibration import calibration_lines, calibration_metrics
 from pipelines.evaluation.metrics import (
     LOCATIONS,
     LOWEST_SCORE,
@@ -52,7 +53,7 @@ from pipelines.training.data import find_cases, read_case
 log = logging.getLogger(__name__)
 
 __all__ = ["assessment", "compare_table", "evaluate", "markdown_table", "record_case",
-           "reference_locations"]
+           "reference_locations", "run_cases"]
 
 
 def assessment(report: Any) -> tuple[bool, str | None]:
@@ -95,6 +96,9 @@ def record_case(case_id: str, diagnosis: str | None, img: sitk.Image, lab: sitk.
     gt, gland = arr == 2, arr > 0
     assessed, reason = assessment(report)
     cands = [(les.mask, float(les.confidence)) for les in report.lesions] if assessed else []
+    raw_score = getattr(report, "raw_patient_score", None)
+    raw_conf = [float(les.raw_confidence) for les in report.lesions
+                if getattr(les, "raw_confidence", None) is not None] if assessed else []
     lesions, tp, hit = match_lesions(gt, cands)
     sp = tuple(float(s) for s in img.GetSpacing())
     pred = getattr(report, "pancreas_mask", None)
@@ -114,7 +118,33 @@ def record_case(case_id: str, diagnosis: str | None, img: sitk.Image, lab: sitk.
         assessable=assessed, reason=None if assessed else (reason or "not assessable"),
         dice=dice(pred, gland) if gland.any() else float("nan"),
         hd95_mm=hd95_mm(pred, gland, (sp[2], sp[1], sp[0])),
+        raw_score=float(raw_score) if assessed and raw_score is not None else None,
+        raw_cand_conf=raw_conf if len(raw_conf) == len(cands) and raw_conf else None,
     )
+
+
+def run_cases(data: Path, pipeline: Any, *, max_cases: int | None = None,
+              progress: Callable[[str], None] | None = None) -> list[CaseRecord]:
+    """``pipeline.report`` on every case of ``data``, each scored against its label.
+
+    The one loop of ``ainode evaluate`` and ``ainode calibrate``, so a
+    calibration is fitted on exactly the scores an evaluation measures.
+    """
+    cases = find_cases(data)[:max_cases]
+    records: list[CaseRecord] = []
+    t0 = time.monotonic()
+    for i, case in enumerate(cases, 1):
+        img, lab = read_case(case)
+        records.append(record_case(case.case_id, case.diagnosis, img, lab,
+                                   pipeline.report(img)))
+        if progress:
+            r = records[-1]
+            state = "" if r.assessable else f" NOT ASSESSABLE ({r.reason})"
+            progress(f"[{i}/{len(cases)}] {case.case_id} {r.diagnosis:<12} score={r.score:.3f} "
+                     f"candidates={len(r.cand_conf)} tp={sum(r.cand_tp)} "
+                     f"gt={len(r.gt_size_mm)} dice={r.dice:.2f}{state} "
+                     f"({time.monotonic() - t0:.0f}s)")
+    return records
 
 
 def evaluate(
@@ -134,21 +164,10 @@ def evaluate(
     read as one; it is written into metrics.json and metrics.md.
     """
     out.mkdir(parents=True, exist_ok=True)
-    cases = find_cases(data)[:max_cases]
-    records: list[CaseRecord] = []
     t0 = time.monotonic()
-    for i, case in enumerate(cases, 1):
-        img, lab = read_case(case)
-        records.append(record_case(case.case_id, case.diagnosis, img, lab,
-                                   pipeline.report(img)))
-        if progress:
-            r = records[-1]
-            state = "" if r.assessable else f" NOT ASSESSABLE ({r.reason})"
-            progress(f"[{i}/{len(cases)}] {case.case_id} {r.diagnosis:<12} score={r.score:.3f} "
-                     f"candidates={len(r.cand_conf)} tp={sum(r.cand_tp)} "
-                     f"gt={len(r.gt_size_mm)} dice={r.dice:.2f}{state} "
-                     f"({time.monotonic() - t0:.0f}s)")
+    records = run_cases(data, pipeline, max_cases=max_cases, progress=progress)
     metrics = summarise(records, n_boot=n_boot)
+    metrics["calibration"] = calibration_metrics(records, out)
     metrics["set_name"] = set_name
     metrics["pipeline"] = getattr(pipeline, "name", "?")
     metrics["models"] = pipeline.model_version() if hasattr(pipeline, "model_version") else "?"
@@ -216,6 +235,7 @@ def markdown_table(m: dict[str, Any]) -> str:
         lines.append(f"| Lesion sensitivity {size} | "
                      f"{_fmt(m['lesion']['sensitivity_by_size'][size])} |")
     lines += _location_lines(m) + _segmentation_lines(m) + _declined_lines(m)
+    lines += calibration_lines(m)
     lines += ["", "| Group (threshold 0.5) | Accuracy | Sensitivity | Specificity | Precision "
               "| F1 | AUC |", "|---|---|---|---|---|---|---|"]
     for row, vals in m["table"].items():
@@ -296,6 +316,8 @@ _COMPARE_ROWS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Pancreas HD95 mm, median", ("segmentation", "hd95_mm_median")),
     ("Pancreas detection rate (Dice > 0)", ("segmentation", "detection_rate")),
     ("Cases with pancreas Dice >= 0.5", ("segmentation", "dice_ge_050_rate")),
+    ("ECE, patient-level probability", ("calibration", "patient", "ece")),
+    ("ECE, lesion confidence", ("calibration", "lesion", "ece")),
 )
 
 

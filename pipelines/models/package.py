@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from torch import nn
 
+from pipelines.calibration import CalibrationEntry
 from pipelines.models.networks import build
 from storage.errors import ModelError
 
@@ -39,6 +40,7 @@ __all__ = [
     "read_manifest",
     "sha256_file",
     "verify_package",
+    "write_calibration",
     "write_package",
 ]
 
@@ -134,6 +136,9 @@ class Manifest(_Strict):
     intended_use: str
     source: str = "ainode"  # ainode | monai-bundle | nnunetv2
     competence: Competence | None = None
+    # The calibration ``ainode calibrate`` fitted (pipelines.calibration): what maps the
+    # scores the pipeline reports to calibrated probabilities. None: reported raw.
+    calibration: CalibrationEntry | None = None
 
 
 @dataclass
@@ -313,9 +318,32 @@ def write_package(
 
 def write_manifest(out: Path, manifest: Manifest) -> None:
     data = manifest.model_dump(mode="json")
-    if data.get("competence") is None:  # optional: absent, not "null", when there is none
-        data.pop("competence", None)
+    for key in ("competence", "calibration"):  # optional: absent, not "null", when none
+        if data.get(key) is None:
+            data.pop(key, None)
     (out / MANIFEST).write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+CAL_VERSION = "+cal."  # the version suffix a calibrated package gets
+
+
+def write_calibration(pkg: Path, entry: CalibrationEntry | None) -> Manifest:
+    """Store ``entry`` in the package's manifest (None removes it); the verified manifest.
+
+    The version gets a ``+cal.<hash>`` suffix (semver build metadata) naming
+    the calibration, replacing an earlier one: the version is what job
+    de-duplication and every result's provenance compare, and a recalibrated
+    package reports other probabilities on the same series.
+    """
+    m = verify_package(pkg)
+    base = m.version.split(CAL_VERSION, 1)[0]
+    version = base
+    if entry is not None:
+        digest = hashlib.sha256(entry.model_dump_json().encode()).hexdigest()[:8]
+        version = f"{base}{CAL_VERSION}{digest}"
+    new = m.model_copy(update={"calibration": entry, "version": version})
+    write_manifest(pkg, Manifest.model_validate(new.model_dump()))
+    return verify_package(pkg)
 
 
 def _card(m: Manifest) -> str:

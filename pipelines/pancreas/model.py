@@ -10,6 +10,7 @@ and the tumour type. Everything the writers need is mapped back onto the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import time
@@ -94,6 +95,12 @@ class PipelineSettings:
     # TotalSegmentator example, its head 24 mm from the body).
     gland_join_mm: float = 30.0
     gland_min_part: float = 0.1
+    # The stage-2 package's calibration (``ainode calibrate``) applied to the reported
+    # patient score and lesion confidences; off for fitting one (it needs the raw scores).
+    calibrated: bool = True
+    # Grad-CAM of the tumour-type head on the source grid (pipelines.explain), for the
+    # evidence maps (PMAP, EVSC); off where nobody looks at it (evaluation, fitting).
+    evidence_maps: bool = True
 
 
 @dataclass
@@ -282,8 +289,13 @@ class PancreasPipeline:
                 t2 = time.perf_counter()
                 slice_dist = self._slices(img, s1)
                 timings["slice_s"] = round(time.perf_counter() - t2, 3)
+        attribution = None
+        if self.settings.evidence_maps:
+            t3 = time.perf_counter()
+            attribution = self.attribution(img, roi)
+            timings["attribution_s"] = round(time.perf_counter() - t3, 3)
         return self._result(img, uids, frames, modality, s1, roi, prob, cls, slice_dist,
-                            algo, provenance)
+                            algo, provenance, attribution)
 
     # --- stages ----------------------------------------------------------------------
 
@@ -413,6 +425,42 @@ class PancreasPipeline:
             _, _, feats = self._stage2(img, roi)
         return feats, verdict.provenance()
 
+    def attribution_layers(self) -> list[str]:
+        """The stage-2 network's last three encoder levels by name; [] when it has none."""
+        enc = getattr(self.stage2.module, "enc", None)
+        if self.stage2.manifest.weights.format != "state_dict" or \
+                not isinstance(enc, torch.nn.ModuleList) or len(enc) < 3:
+            return []
+        return [f"enc.{i}" for i in range(len(enc) - 3, len(enc))]
+
+    def attribution(self, img: sitk.Image, roi: sitk.Image) -> npt.NDArray[np.float32] | None:
+        """Grad-CAM of the head's PDAC logit on stage 2's input over ``roi`` (its grid).
+
+        The whole region in one pass (the encoder is convolutional and the head
+        pools globally), so the map is one function of one input, not a blend
+        of windows. None for a network without the encoder levels (MONAI
+        bundle, nnU-Net, TorchScript): no evidence map is then written.
+        """
+        from pipelines.explain import grad_cam
+        from pipelines.pancreas.output import TUMOUR_TYPES
+
+        layers = self.attribution_layers()
+        if not layers:
+            return None
+        x, _ = model_input(img, self.stage2, roi)
+        try:
+            return grad_cam(self.stage2.module, x, class_index=TUMOUR_TYPES.index("PDAC"),
+                            layers=layers)
+        except RuntimeError as exc:
+            raise PipelineError("attribution", f"Grad-CAM failed: {exc}") from exc
+
+    def attribution_method(self) -> str:
+        return (f"Grad-CAM (MONAI GradCAM) of the PDAC logit of {self.stage2.manifest.name} "
+                f"{self.stage2.manifest.version} on encoder levels "
+                f"{', '.join(self.attribution_layers())}, mean of the per-level maps above "
+                "their median over the stage-2 region (1 = strongest), resampled onto the "
+                "source grid")
+
     def _roi(self, s1: _Stage1) -> sitk.Image:
         """Stage 2's grid from stage 1's gland (the rule training cuts its samples by)."""
         inp = self.stage2.manifest.input
@@ -444,6 +492,7 @@ class PancreasPipeline:
         s1: _Stage1, roi: sitk.Image, prob: npt.NDArray[np.float32],
         cls: npt.NDArray[np.float64] | None, slice_dist: dict[str, float] | None,
         algo: AlgorithmInfo, provenance: dict[str, Any],
+        attribution: npt.NDArray[np.float32] | None = None,
     ) -> PancreasReport:
         st = self.settings
         sx, sy, sz = (float(s) for s in img.GetSpacing())
@@ -509,16 +558,44 @@ class PancreasPipeline:
             ))
         lesion_max = float(prob.max()) if prob.size else 0.0
         pdac = classification.get("PDAC") if classification else None
-        score = combine_score(pdac, lesion_max, st.score_mode)
+        score = float(np.clip(combine_score(pdac, lesion_max, st.score_mode), 0.0, 1.0))
         provenance["lesion_max"] = round(lesion_max, 4)
         provenance["classification_pdac"] = None if pdac is None else round(pdac, 4)
-        return PancreasReport(
+        on_source = None
+        if attribution is not None:
+            a_img = sitk.GetImageFromArray(attribution)
+            a_img.CopyInformation(roi)
+            on_source = np.clip(pixels(resample_like(a_img, img)), 0.0, 1.0).astype(np.float32)
+        report = PancreasReport(
             pipeline=self.name, algorithm=algo, source_sop_instance_uids=uids,
-            patient_score=float(np.clip(score, 0.0, 1.0)), pancreas_found=True,
+            patient_score=score, pancreas_found=True,
             pancreas_mask=pancreas, lesion_probability=lesion_prob, lesions=lesions,
             classification=classification, source_frame_numbers=frames,
-            provenance=provenance,
+            provenance=provenance, attribution=on_source,
+            attribution_method=self.attribution_method() if on_source is not None else "",
         )
+        return self._calibrate(report)
+
+    def _calibrate(self, report: PancreasReport) -> PancreasReport:
+        """The report with the stage-2 package's calibration applied, when it has one.
+
+        Monotone maps, so the lesions keep their order (and numbers); the raw
+        values stay on the report (and in the findings' details) for the record.
+        """
+        cal = self.stage2.manifest.calibration
+        if not self.settings.calibrated or cal is None:
+            report.provenance["calibration"] = "none"
+            return report
+        if cal.patient is not None:
+            report.raw_patient_score = report.patient_score
+            report.patient_score = round(cal.patient.apply_one(report.patient_score), 4)
+        if cal.lesion is not None:
+            report.lesions = [dataclasses.replace(
+                les, confidence=round(cal.lesion.apply_one(les.confidence), 4),
+                raw_confidence=les.confidence) for les in report.lesions]
+        report.calibration = cal.describe()
+        report.provenance["calibration"] = report.calibration
+        return report
 
 
 def near_pancreas(cands: list[Candidate], pancreas: sitk.Image, roi: sitk.Image,
