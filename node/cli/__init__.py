@@ -27,6 +27,7 @@ from node.cli import (
     demo_cmd,
     destinations_cmd,
     evaluate_cmd,
+    feedback_cmd,
     jobs_cmd,
     models_cmd,
     render_cmd,
@@ -157,6 +158,7 @@ app.add_typer(models_cmd.app, name="models")
 app.command("train")(train_cmd.train)
 app.command("train-demo")(train_cmd.train_demo)
 app.command("evaluate")(evaluate_cmd.evaluate)
+app.add_typer(feedback_cmd.app, name="feedback")
 app.add_typer(users_cmd.app, name="users")
 app.command("web")(web_cmd.web)
 
