@@ -26,8 +26,8 @@ from storage.errors import ConflictError, InputError, NodeError, TransferError
 from storage.models import Destination, Series
 from storage.users import Principal
 
-__all__ = ["cancel", "echo", "replay", "reprocess", "retry", "save_rule", "set_enabled",
-           "test_rule"]
+__all__ = ["cancel", "echo", "live", "reference", "replay", "reprocess", "retry", "save_rule",
+           "set_enabled", "test_rule", "verdict"]
 
 log = logging.getLogger(__name__)
 
@@ -196,3 +196,36 @@ def echo(ctx: WebContext, name: str, user: Principal) -> dict[str, Any]:
         audit(s, "destination.echo", outcome="success" if ok else "failure",
               actor=actor(user), destination=name, error=error)
     return {"destination": name, "ok": ok, "error": error}
+
+
+def verdict(ctx: WebContext, finding_id: int, value: str, comment: str | None,
+            user: Principal, source: str = "web") -> dict[str, Any]:
+    """A reader's verdict on a finding (any role: readers are viewers), audited."""
+    from storage.feedback import record_verdict
+
+    with http_errors(), ctx.db.session() as s:
+        row = record_verdict(s, finding_id, value, reader=actor(user), comment=comment,
+                             source=source)
+        return {"id": row.id, "finding_id": finding_id, "verdict": row.verdict,
+                "reader": row.reader}
+
+
+def reference(ctx: WebContext, series_uid: str, diagnosis: str, positive: bool | None,
+              comment: str | None, user: Principal) -> dict[str, Any]:
+    """The reference diagnosis of a series (pathology, follow-up), audited."""
+    from storage.feedback import record_reference
+
+    with http_errors(), ctx.db.session() as s:
+        row = record_reference(s, series_uid, diagnosis, reader=actor(user),
+                               positive=positive, comment=comment, source="feedback")
+        return {"id": row.id, "series_uid": series_uid, "diagnosis": row.diagnosis,
+                "positive": row.positive, "reader": row.reader}
+
+
+def live(ctx: WebContext, since: str, model: str, n_boot: int) -> dict[str, Any]:
+    """The live figures ``ainode evaluate --live`` prints, for the API."""
+    from node.cli.audit_cmd import parse_since
+    from node.live import live_figures
+
+    with http_errors(), ctx.db.session() as s:
+        return live_figures(s, parse_since(since), model=model, n_boot=n_boot)
