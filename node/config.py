@@ -232,6 +232,9 @@ class InferenceConfig(_Section):
     )
     max_jobs_per_device: Annotated[int, Field(ge=1, le=64)] = 1
     job_timeout_s: Annotated[float, Field(gt=0)] = 3600.0
+    candidates_dir: Path | None = Field(
+        default=None, description="where `ainode models shadow` keeps model sets under "
+        "trial; default: <data_dir>/models/candidates")
 
     @field_validator("device")
     @classmethod

@@ -147,7 +147,7 @@ def test_seeded_verdicts_from_cli_api_and_console_give_the_known_ppv(web: Web) -
     assert overall["sensitivity"]["value"] == 0.75
     assert overall["specificity"]["value"] == 0.5
     lo, hi = overall["ppv"]["ci95"]
-    assert lo < 12 / 17 < hi and 0 <= lo and hi <= 1
+    assert lo < 12 / 17 < hi and lo >= 0 and hi <= 1
     # By scanner: series 0-4 ("A X1") hold f0..f9: f1 the only rejected one.
     assert rep["by"]["scanner"]["A X1"]["ppv"]["value"] == 0.9
     assert set(rep["by"]["protocol"]) == {"abdomen"}
