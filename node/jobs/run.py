@@ -162,6 +162,9 @@ class JobPlan:
     shadow: bool
     # Sentences the SR states about this run (e.g. the result it supersedes).
     notes: tuple[str, ...] = ()
+    # The candidate model set's folder when the job's rule runs one (node.candidates);
+    # None: the active models (inference.models_dir).
+    models_dir: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
