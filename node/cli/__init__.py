@@ -23,6 +23,7 @@ from node import __version__
 from node.cli import (
     audit_cmd,
     config_cmd,
+    dataset_cmd,
     db_cmd,
     demo_cmd,
     destinations_cmd,
@@ -159,6 +160,7 @@ app.command("train")(train_cmd.train)
 app.command("train-demo")(train_cmd.train_demo)
 app.command("evaluate")(evaluate_cmd.evaluate)
 app.add_typer(feedback_cmd.app, name="feedback")
+app.add_typer(dataset_cmd.app, name="dataset")
 app.add_typer(users_cmd.app, name="users")
 app.command("web")(web_cmd.web)
 
