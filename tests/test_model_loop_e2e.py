@@ -35,6 +35,7 @@ from tests.support.peers import dcmtk_env, require, store_scp
 
 pytestmark = [pytest.mark.peers, pytest.mark.slow]
 
+SITE = "pancreas-ct-stage2@0.9.0-site"
 SHIPPED_STAGE2 = Path(__file__).resolve().parents[1] / "pipelines/weights/pancreas-ct-stage2"
 
 
@@ -69,7 +70,8 @@ def reader_seg(folder: Path, label: np.ndarray, out: Path) -> Path:
 
 
 def send(node: NodeProc, files: list[Path]) -> None:
-    r = subprocess.run([require("storescu"), "-aet", "STORESCU", "-aec", "AINODE",
+    # -R: propose exactly the files' SOP classes (storescu's default list lacks SEG).
+    r = subprocess.run([require("storescu"), "-R", "-aet", "STORESCU", "-aec", "AINODE",
                         "127.0.0.1", str(node.port), *map(str, files)], env=dcmtk_env(),
                        capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -162,7 +164,11 @@ def _loop(node: NodeProc, tmp: Path, models: Path) -> None:
     assert all(j.state == JobState.DONE for j in jobs), [j.error for j in jobs]
     shadow = next(j for j in jobs if j.shadow)
     active = next(j for j in jobs if not j.shadow)
-    assert "0.9.0-site" in shadow.model_version and "0.9.0-site" not in active.model_version
+    # The version column is shortened to 64 characters; the provenance has every model.
+    assert SITE in shadow.provenance["result"]["models"]
+    assert SITE not in active.provenance["result"]["models"]
+    assert shadow.model_version != active.model_version
+    assert shadow.provenance["candidate_models_dir"].endswith("site1")
     with node.db.session() as s:
         sent = s.scalar(sa.select(sa.func.count()).select_from(Transfer).join(Output)
                         .where(Output.job_id == shadow.id))
@@ -196,4 +202,5 @@ def _loop(node: NodeProc, tmp: Path, models: Path) -> None:
              what="the reprocessed job")
     newest = max(done_jobs(node, live_uid), key=lambda j: j.id)
     assert newest.state == JobState.DONE and not newest.shadow, newest.error
-    assert "0.9.0-site" in newest.model_version
+    assert SITE in newest.provenance["result"]["models"]
+    assert newest.model_version == shadow.model_version  # the set the candidate ran
