@@ -120,7 +120,7 @@ def _loop(node: NodeProc, tmp: Path, models: Path) -> None:
     for seed in (778001, 778002):
         folder, label, uid = phantom_series(tmp, seed)
         seg = reader_seg(folder, label, tmp / f"seg-{seed}")
-        send(node, sorted(folder.glob("*.dcm")) + [seg])
+        send(node, [*sorted(folder.glob("*.dcm")), seg])
         train_uids.append(uid)
     wait_for(lambda: all(done_jobs(node, u) for u in train_uids), timeout=400,
              what="the active model's jobs on the training series")

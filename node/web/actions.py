@@ -73,6 +73,7 @@ def cancel(ctx: WebContext, job_id: int, user: Principal) -> dict[str, Any]:
 def reprocess(ctx: WebContext, series_uid: str, rule: str | None, user: Principal
               ) -> list[dict[str, Any]]:
     """A new job for the series per matching rule (or the named one), as ``ainode reprocess``."""
+    from node.jobs.run import candidate_dir
     from node.orchestration import evaluate_series, registry_model_version
 
     with http_errors(), ctx.db.session() as s:
@@ -94,7 +95,8 @@ def reprocess(ctx: WebContext, series_uid: str, rule: str | None, user: Principa
             req = job_store.JobRequest(
                 pipeline=r.pipeline, rule=r, priority=r.priority, shadow=r.shadow,
                 model_version=registry_model_version(
-                    r.pipeline, models_dir=ctx.config.inference.models_dir))
+                    r.pipeline, models_dir=candidate_dir(s, r.models)
+                    or ctx.config.inference.models_dir))
             created.append(job_row(job_store.reprocess_job(s, series, req, actor=actor(user))))
         return created
 
