@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 # Orthanc (the PACS) with its DICOMweb plugin, dicom3tools (dciodvfy, the validator),
 # chromium + chromium-driver (the browser the web console is tested with), and the
 # brokers of Celery dispatch, RabbitMQ and Redis (tests/test_celery_dispatch.py).
-PEERS := dcmtk orthanc orthanc-dicomweb dicom3tools chromium chromium-driver rabbitmq-server redis-server
+PEERS := dcmtk orthanc orthanc-dicomweb dicom3tools libgdcm-tools chromium chromium-driver rabbitmq-server redis-server
 PYTEST_ARGS ?=
 
 .PHONY: help venv peers services test test-fast demo lint fuzz soak bench bench-ingest bench-stow bench-preprocess bench-writers bench-pipeline bench-workers train-demo clean
@@ -35,6 +35,7 @@ peers:
 	command -v storescu >/dev/null || missing="$$missing dcmtk"; \
 	command -v Orthanc >/dev/null || test -x /usr/sbin/Orthanc || missing="$$missing orthanc"; \
 	command -v dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
+	command -v gdcmanon >/dev/null || missing="$$missing libgdcm-tools"; \
 	test -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so || missing="$$missing orthanc-dicomweb"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \

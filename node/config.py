@@ -232,6 +232,9 @@ class InferenceConfig(_Section):
     )
     max_jobs_per_device: Annotated[int, Field(ge=1, le=64)] = 1
     job_timeout_s: Annotated[float, Field(gt=0)] = 3600.0
+    candidates_dir: Path | None = Field(
+        default=None, description="where `ainode models shadow` keeps model sets under "
+        "trial; default: <data_dir>/models/candidates")
 
     @field_validator("device")
     @classmethod
@@ -375,6 +378,45 @@ class LoggingConfig(_Section):
         return value.upper() if isinstance(value, str) else value
 
 
+class SegmentMatch(_Section):
+    """Which segments of a reader's SEG mean one training label: by code or by label."""
+
+    codes: list[str] = Field(default_factory=list,
+                             description="SegmentedPropertyType as SCHEME:VALUE")
+    labels: list[str] = Field(default_factory=list, description="SegmentLabel, any case")
+
+
+def _default_segments() -> dict[str, SegmentMatch]:
+    return {
+        # SCT 15776009 Pancreas; 108369006 Neoplasm, 4147007 Mass, 255050008 Tumour
+        # (Table CID 7151/7159 style codes a reader's workstation writes).
+        "pancreas": SegmentMatch(codes=["SCT:15776009"], labels=["pancreas"]),
+        "lesion": SegmentMatch(codes=["SCT:108369006", "SCT:4147007", "SCT:255050008",
+                                      "SCT:372142002", "SCT:363418001"],
+                               labels=["lesion", "tumour", "tumor", "mass", "pdac"]),
+    }
+
+
+class DatasetConfig(_Section):
+    """``ainode dataset export``: reader-made SEGs -> a de-identified MSD training set."""
+
+    segments: dict[str, SegmentMatch] = Field(
+        default_factory=_default_segments,
+        description="training label (pancreas = 1, lesion = 2) -> the segments meaning it")
+    deid_dir: Path | None = Field(
+        default=None, description="the de-identification key and the UID/ID mappings, "
+        "kept here and never exported; default: <data_dir>/deid")
+    gdcmanon: str = Field(default="gdcmanon", description="GDCM's PS3.15 anonymiser")
+
+    @field_validator("segments")
+    @classmethod
+    def _labels(cls, value: dict[str, SegmentMatch]) -> dict[str, SegmentMatch]:
+        unknown = sorted(set(value) - {"pancreas", "lesion"})
+        if unknown:
+            raise ValueError(f"training labels are pancreas and lesion, not {unknown}")
+        return value
+
+
 class NodeConfig(BaseSettings):
     """The whole node configuration; see config/node.example.yaml for every key."""
 
@@ -395,6 +437,7 @@ class NodeConfig(BaseSettings):
     web: WebConfig = Field(default_factory=WebConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     queue: QueueConfig = Field(default_factory=QueueConfig)
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
 
     @field_validator("destinations")
     @classmethod

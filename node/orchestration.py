@@ -244,7 +244,8 @@ def _route_one(session: Session, services: Services, series: Series,
     for row, spec in matched:
         req = job_store.JobRequest(
             pipeline=spec.pipeline,
-            model_version=_version(versions, services, spec.pipeline),
+            model_version=_version(versions, services, spec.pipeline,
+                                   _candidate(session, spec.models)),
             rule=row,
             priority=spec.priority,
             shadow=spec.shadow,
@@ -382,10 +383,31 @@ def _skip(session: Session, series: Series, kind: NotAnImage, rules: list[str],
                           skipped=kind.reason)
 
 
-def _version(versions: dict[str, str], services: Services, pipeline: str) -> str:
+def _version(versions: dict[str, str], services: Services, pipeline: str,
+             models_dir: Path | None = None) -> str:
+    if models_dir is not None:  # a shadow rule's candidate models (node.candidates)
+        key = f"{pipeline}@{models_dir}"
+        if key not in versions:
+            inf = services.config.inference
+            versions[key] = registry_model_version(pipeline, models_dir=models_dir,
+                                                   device=inf.device)
+        return versions[key]
     if pipeline not in versions:  # a rule added between our two reads: rare, so inline
         versions[pipeline] = services.model_version(pipeline)
     return versions[pipeline]
+
+
+def _candidate(session: Session, name: str | None) -> Path | None:
+    """The folder of the candidate model set a rule runs (None: the active models)."""
+    if name is None:
+        return None
+    from node.jobs.run import candidate_dir
+
+    try:
+        return candidate_dir(session, name)
+    except ModelError as exc:  # the job is still made; the worker records why it fails
+        log.warning("candidate models unavailable at routing", extra={"error": str(exc)})
+        return None
 
 
 def route_series(services: Services, *, now: datetime | None = None,

@@ -70,7 +70,7 @@ _discovered: dict[str, _Source] | None = None  # None: not read yet
 _conflicts: dict[str, list[str]] = {}
 _loaded: dict[str, tuple[str, Factory]] = {}  # name -> (origin, checked factory)
 # key -> (the factory that built it, the instance)
-_instances: dict[tuple[str, str, str], tuple[Factory, Pipeline]] = {}
+_instances: dict[tuple[str, str, str, str], tuple[Factory, Pipeline]] = {}
 _lock = threading.RLock()
 
 
@@ -183,8 +183,25 @@ def _check_signature(name: str, origin: str, factory: object) -> None:
         ) from exc
 
 
-def _key(name: str, models_dir: Path | None, device: str) -> tuple[str, str, str]:
-    return name, str(Path(models_dir).expanduser().resolve()) if models_dir else "", device
+def _key(name: str, models_dir: Path | None, device: str) -> tuple[str, str, str, str]:
+    folder = str(Path(models_dir).expanduser().resolve()) if models_dir else ""
+    return name, folder, device, _stamp(folder)
+
+
+def _stamp(folder: str) -> str:
+    """What the packages in ``folder`` are now: each manifest's name and change time.
+
+    Part of the cache key, so a package promoted or imported into a running node's
+    models folder (``ainode models promote``) is what the next job loads, without a
+    restart; an unchanged folder costs one ``stat`` per package.
+    """
+    if not folder:
+        return ""
+    try:
+        return ";".join(f"{m.parent.name}:{m.stat().st_mtime_ns}"
+                        for m in sorted(Path(folder).glob("*/model.yaml")))
+    except OSError:
+        return "?"
 
 
 def get(name: str, *, models_dir: Path | None = None, device: str = "auto") -> Pipeline:
@@ -209,6 +226,8 @@ def get(name: str, *, models_dir: Path | None = None, device: str = "auto") -> P
         if lacking:
             raise ModelError(f"pipeline plug-in {name!r} ({origin}): its factory returned a "
                              f"{type(pipeline).__name__}, which lacks {', '.join(lacking)}")
+        for old in [k for k in _instances if k[:3] == key[:3]]:
+            del _instances[old]  # the same folder's previous packages: let them go
         _instances[key] = (factory, pipeline)
         return pipeline
 

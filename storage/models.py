@@ -43,12 +43,15 @@ __all__ = [
     "Base",
     "Destination",
     "Finding",
+    "FindingVerdict",
     "Instance",
     "Job",
     "JobOutcome",
     "JobState",
+    "ModelCandidate",
     "NodeHeartbeat",
     "Output",
+    "ReferenceDiagnosis",
     "RoutingRule",
     "Series",
     "SeriesState",
@@ -254,6 +257,10 @@ class RoutingRule(Base):
     destinations: Mapped[list[Any]] = mapped_column(default=list)
     stable_age_s: Mapped[float | None] = mapped_column(Float)
     shadow: Mapped[bool] = mapped_column(Boolean, default=False)
+    # A candidate model set (ModelCandidate.name) this rule's jobs run instead of the
+    # active models (inference.models_dir); None: the active ones. Set on the shadow
+    # rule ``ainode models shadow`` makes, so a new package meets live traffic unsent.
+    models: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     created_by: Mapped[str | None] = mapped_column(String(64))
 
@@ -529,3 +536,67 @@ class WorkerState(Base):
     current_job_id: Mapped[int | None] = mapped_column(Integer)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class FindingVerdict(Base):
+    """A reader's verdict on one finding: agree, disagree or uncertain, with a comment.
+
+    Rows are appended, never updated: a reader who changes their mind adds a row and
+    the newest row of a (finding, reader) pair counts (node.live), so the history of
+    what was said stays for audit. The reader is a name (web user, OS user, or the
+    AE title of a PACS that sent a Key Object Selection), never patient data.
+    """
+
+    __tablename__ = "finding_verdicts"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    finding_id: Mapped[int] = mapped_column(ForeignKey("findings.id", ondelete="CASCADE"),
+                                            index=True)
+    verdict: Mapped[str] = mapped_column(String(16))  # agree | disagree | uncertain
+    comment: Mapped[str | None] = mapped_column(Text)
+    reader: Mapped[str] = mapped_column(String(128))
+    source: Mapped[str] = mapped_column(String(16), default="cli")  # cli | web | api | dicom
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class ReferenceDiagnosis(Base):
+    """What a series really showed, learned later (pathology, follow-up), per series.
+
+    ``diagnosis`` is the site's word for it (for the pancreas pipelines one of the
+    tumour types: normal, PDAC, PNET, IPMN, other_benign); ``positive`` says whether
+    the disease the models look for is present, which is what sensitivity counts.
+    Appended like verdicts; the newest row of a series counts.
+    """
+
+    __tablename__ = "reference_diagnoses"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"),
+                                           index=True)
+    diagnosis: Mapped[str] = mapped_column(String(64))
+    positive: Mapped[bool] = mapped_column(Boolean)
+    source: Mapped[str] = mapped_column(String(16), default="feedback")  # feedback|sr|csv
+    comment: Mapped[str | None] = mapped_column(Text)
+    reader: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class ModelCandidate(Base):
+    """A model set under trial: a models folder a shadow rule's jobs run, until promoted.
+
+    ``path`` is the candidate's own folder of packages (the new package plus copies of
+    the active ones it does not replace), so a shadow job runs exactly the set that
+    promotion would make active.
+    """
+
+    __tablename__ = "model_candidates"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    path: Mapped[str] = mapped_column(String(512))
+    packages: Mapped[list[Any]] = mapped_column(default=list)  # the packages it brings
+    rule_name: Mapped[str | None] = mapped_column(String(64))  # its shadow rule
+    state: Mapped[str] = mapped_column(String(16), default="shadow")  # shadow|promoted|retired
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(128))
+    promoted_at: Mapped[datetime | None]

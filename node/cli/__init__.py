@@ -24,10 +24,12 @@ from node.cli import (
     audit_cmd,
     calibrate_cmd,
     config_cmd,
+    dataset_cmd,
     db_cmd,
     demo_cmd,
     destinations_cmd,
     evaluate_cmd,
+    feedback_cmd,
     jobs_cmd,
     models_cmd,
     render_cmd,
@@ -159,6 +161,8 @@ app.command("train")(train_cmd.train)
 app.command("train-demo")(train_cmd.train_demo)
 app.command("evaluate")(evaluate_cmd.evaluate)
 app.command("calibrate")(calibrate_cmd.calibrate)
+app.add_typer(feedback_cmd.app, name="feedback")
+app.add_typer(dataset_cmd.app, name="dataset")
 app.add_typer(users_cmd.app, name="users")
 app.command("web")(web_cmd.web)
 

@@ -31,6 +31,7 @@ def _load_metrics(folder: Path) -> dict[str, Any]:
 
 
 def evaluate(
+    ctx: typer.Context,
     data: Annotated[Path | None, typer.Option("--data", help="MSD Task07-layout folder")] =
         None,
     out: Annotated[Path | None, typer.Option(
@@ -55,10 +56,28 @@ def evaluate(
     compare: Annotated[tuple[Path, Path] | None, typer.Option(
         "--compare", help="print two evaluations (folders or metrics.json) side by side "
         "and exit; nothing is run")] = None,
+    live: Annotated[bool, typer.Option(
+        "--live", help="figures from readers' verdicts and reference diagnoses in the "
+        "database instead of a labelled folder")] = False,
+    since: Annotated[str, typer.Option("--since", help="--live: window, e.g. 90d")] = "90d",
+    model: Annotated[str, typer.Option(
+        "--model", help="--live: 'active', a candidate's name or a model version")] =
+        "active",
+    card: Annotated[Path | None, typer.Option(
+        "--card", help="--live: also write the figures into this model package's card")] =
+        None,
+    as_json: Annotated[bool, typer.Option("--json", help="--live: print JSON")] = False,
 ) -> None:
-    """Run PIPELINE on DATA: metrics.json, metrics.md, ROC/FROC and reliability PNGs, ECE."""
+    """Run PIPELINE on DATA: metrics.json, metrics.md, ROC/FROC and reliability PNGs, ECE.
+
+    With ``--live``: PPV of findings, FP per series and sensitivity where references
+    exist, from what readers recorded (``ainode feedback``), by scanner and protocol.
+    """
     from pipelines.evaluation.run import compare_table, markdown_table
 
+    if live:
+        _live(ctx, since, model, bootstrap, out, card, as_json)
+        return
     if compare is not None:
         a, b = compare
         typer.echo(compare_table(_load_metrics(a), _load_metrics(b), (str(a), str(b))), nl=False)
@@ -88,3 +107,24 @@ def evaluate(
     typer.echo(markdown_table(metrics))
     typer.echo(f"written: {out / 'metrics.json'}, {out / 'metrics.md'}, "
                f"{out / 'roc.png'}, {out / 'froc.png'}, {out / 'reliability.png'}")
+
+
+def _live(ctx: typer.Context, since: str, model: str, n_boot: int, out: Path | None,
+          card: Path | None, as_json: bool) -> None:
+    from node.cli.audit_cmd import parse_since
+    from node.cli.context import get
+    from node.live import live_figures, live_markdown
+
+    with get(ctx).db.session() as s:
+        report = live_figures(s, parse_since(since), model=model, n_boot=n_boot)
+    report["window"] = since
+    text = live_markdown(report)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "live_metrics.json").write_text(json.dumps(report, indent=2))
+        (out / "live_metrics.md").write_text(text)
+    if card is not None:
+        from node.live import write_card
+
+        write_card(card, report, text)
+    typer.echo(json.dumps(report, indent=2) if as_json else text.rstrip("\n"))

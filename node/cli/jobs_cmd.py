@@ -205,9 +205,16 @@ def reprocess(
                 raise InputError(f"no rule matches series {series_uid}; name one with --rule "
                                  "(ainode rules test --series shows why)")
         created = []
+        from node.jobs.run import candidate_dir
+
+        inf = app_ctx.config.inference
         for r in rows:
+            # The version of the models the job will run: the configured folder's (or
+            # the rule's candidate's), not the shipped demo packages'.
+            models = candidate_dir(s, r.models) or inf.models_dir
             req = job_store.JobRequest(pipeline=r.pipeline,
-                                       model_version=registry_model_version(r.pipeline),
+                                       model_version=registry_model_version(
+                                           r.pipeline, models_dir=models),
                                        rule=r, priority=r.priority, shadow=r.shadow)
             created.append(_row(job_store.reprocess_job(s, series, req, actor=os_actor())))
     emit(created, COLUMNS, as_json=as_json, title="queued")

@@ -186,3 +186,77 @@ def import_(
         raise typer.Exit(2) from exc
     m = _pkg().verify_package(out)
     typer.echo(f"imported {m.name} {m.version} ({m.task}) into {out}")
+
+
+@app.command("shadow")
+def shadow(
+    ctx: typer.Context,
+    packages: Annotated[list[Path], typer.Argument(help="the new package folder(s)")],
+    rule: Annotated[str, typer.Option("--rule", help="run beside this rule's jobs")],
+    name: Annotated[str | None, typer.Option(
+        "--name", help="the candidate's name (default: first package's name-version)")] =
+        None,
+) -> None:
+    """Run PACKAGES in shadow beside RULE on live traffic: results kept, never sent."""
+    from node.candidates import create_candidate
+    from pipelines import registry
+    from storage.audit import os_actor
+
+    app_ctx = get(ctx)
+    if name is None:
+        m = _pkg().read_manifest(packages[0])
+        name = f"{m.name}-{m.version}".replace("+", "-")[:48]
+    with app_ctx.db.session() as s:
+        cand = create_candidate(s, app_ctx.config, name, packages, rule=rule,
+                                actor=os_actor(), pipelines=registry.available())
+        typer.echo(f"candidate {cand.name} in shadow beside {rule} (rule {cand.rule_name}, "
+                   f"folder {cand.path})")
+
+
+@app.command("candidates")
+def candidates(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Model sets under trial (shadow), promoted or retired."""
+    from node.candidates import list_candidates
+
+    with get(ctx).db.session() as s:
+        rows = [{"name": c.name, "state": c.state, "rule": c.rule_name or "-",
+                 "packages": ", ".join(f"{p['name']}@{p['version']}" for p in c.packages),
+                 "created_at": c.created_at, "path": c.path} for c in list_candidates(s)]
+    emit(rows, ["name", "state", "rule", "packages", "created_at"], as_json=as_json,
+         title="Model candidates",
+         wide_columns=["name", "state", "rule", "packages", "created_at", "path"])
+
+
+@app.command("compare")
+def compare(
+    ctx: typer.Context,
+    a: Annotated[str, typer.Argument(help="'active', a candidate's name or a model version")],
+    b: Annotated[str, typer.Argument(help="the same, for the other model set")],
+    since: Annotated[str, typer.Option("--since", help="window, e.g. 30d")] = "30d",
+    bootstrap: Annotated[int, typer.Option(help="bootstrap replicates")] = 1000,
+    as_json: JsonOpt = False,
+) -> None:
+    """Both model sets' live figures on the series both judged, with 95% intervals."""
+    from node.cli.audit_cmd import parse_since
+    from node.live import compare as run
+    from node.live import compare_markdown
+
+    with get(ctx).db.session() as s:
+        report = run(s, a, b, parse_since(since), n_boot=bootstrap)
+    typer.echo(json.dumps(report, indent=2) if as_json else
+               compare_markdown(report).rstrip("\n"))
+
+
+@app.command("promote")
+def promote(ctx: typer.Context, name: str) -> None:
+    """Make candidate NAME's packages the active ones (audited; old ones kept)."""
+    from node.candidates import promote as run
+    from storage.audit import os_actor
+
+    app_ctx = get(ctx)
+    with app_ctx.db.session() as s:
+        done = run(s, app_ctx.config, name, actor=os_actor())
+    for p in done["installed"]:
+        typer.echo(f"promoted {p['name']} {p['version']} into {done['models_dir']}")
+    for p in done["retired"]:
+        typer.echo(f"retired {p['name']} {p['version']} (kept in {p['kept']})")

@@ -162,6 +162,9 @@ class JobPlan:
     shadow: bool
     # Sentences the SR states about this run (e.g. the result it supersedes).
     notes: tuple[str, ...] = ()
+    # The candidate model set's folder when the job's rule runs one (node.candidates);
+    # None: the active models (inference.models_dir).
+    models_dir: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,7 +194,8 @@ def run_job(job_id: int, owner: str, deps: JobDeps, *,
     plan = plan_job(deps, job_id)
     stage("load")
     inf = deps.config.inference
-    pipeline = registry.get(plan.pipeline, models_dir=inf.models_dir, device=inf.device)
+    pipeline = registry.get(plan.pipeline, models_dir=plan.models_dir or inf.models_dir,
+                            device=inf.device)
     volume, sources = deps.load(list(plan.paths), pipeline.min_slices, plan.kinds)
     stage("infer")
     t0 = time.monotonic()
@@ -250,7 +254,22 @@ def plan_job(deps: JobDeps, job_id: int) -> JobPlan:
         kinds = tuple(k for k in writers.kinds() if k in accepts) or writers.default_kinds()
         return JobPlan(job_id, job.pipeline, job.model_version, series.series_instance_uid,
                        paths, destinations, kinds, job.shadow,
-                       notes=supersession_notes(session, job, len(paths)))
+                       notes=supersession_notes(session, job, len(paths)),
+                       models_dir=candidate_dir(session, rule.models if rule else None))
+
+
+def candidate_dir(session: Session, name: str | None) -> Path | None:
+    """The folder of candidate model set ``name``; a rule naming one that is gone fails
+    the job (ModelError) rather than silently running the active models."""
+    if name is None:
+        return None
+    from storage.models import ModelCandidate
+
+    cand = session.scalars(select(ModelCandidate).where(ModelCandidate.name == name)).first()
+    if cand is None or cand.state == "retired":
+        raise ModelError(f"the job's rule runs candidate models {name!r}, which are not "
+                         "registered (ainode models candidates)")
+    return Path(cand.path)
 
 
 def supersession_notes(session: Session, job: Job, instances: int) -> tuple[str, ...]:
@@ -320,6 +339,8 @@ def _save(deps: JobDeps, owner: str, plan: JobPlan, model_version: str,
         )
         if withheld:
             job.provenance = {**job.provenance, "withheld_not_assessable": withheld}
+        if plan.models_dir is not None:
+            job.provenance = {**job.provenance, "candidate_models_dir": str(plan.models_dir)}
         if plan.model_version and model_version != plan.model_version:
             job.provenance = {**job.provenance, "model_version_changed_from":
                               plan.model_version}

@@ -42,6 +42,9 @@ class RuleSpec:
     enabled: bool = True
     shadow: bool = False
     stable_age_s: float | None = None
+    # A candidate model set (node.candidates) this rule's jobs run instead of the
+    # active models; None: the active ones.
+    models: str | None = None
 
     @classmethod
     def build(
@@ -55,6 +58,7 @@ class RuleSpec:
         enabled: bool = True,
         shadow: bool = False,
         stable_age_s: float | None = None,
+        models: str | None = None,
     ) -> RuleSpec:
         """Parse the grammar form (CLI and YAML); raises InputError on the first bad part."""
         spec = cls(
@@ -66,6 +70,7 @@ class RuleSpec:
             enabled=enabled,
             shadow=shadow,
             stable_age_s=stable_age_s,
+            models=models or None,
         )
         spec.check_shape()
         return spec
@@ -85,6 +90,10 @@ class RuleSpec:
             raise InputError(f"rule {self.name!r}: priority must be between -1000 and 1000")
         if len(set(self.destinations)) != len(self.destinations):
             raise InputError(f"rule {self.name!r} names a destination twice")
+        if self.models is not None and not self.shadow:
+            # A model set under trial has not been accepted: its results stay off PACS.
+            raise InputError(f"rule {self.name!r} runs candidate models {self.models!r}; "
+                             "such a rule must be a shadow rule")
 
     def validate(self, *, pipelines: Collection[str], destinations: Collection[str]) -> None:
         """Refuse a rule naming an unknown pipeline or destination (InputError, exit 2)."""
@@ -115,13 +124,14 @@ class RuleSpec:
             "send_to": list(self.destinations),
             "stable_age_s": self.stable_age_s,
             "shadow": self.shadow,
+            **({"models": self.models} if self.models else {}),
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RuleSpec:
         """The inverse of :meth:`to_dict`; unknown keys are refused, naming them."""
         allowed = {"name", "enabled", "priority", "when", "pipeline", "send_to", "stable_age_s",
-                   "shadow"}
+                   "shadow", "models"}
         if not isinstance(data, Mapping):
             raise InputError(f"a rule must be a mapping, got {type(data).__name__}")
         extra = sorted(set(data) - allowed)
@@ -151,6 +161,7 @@ class RuleSpec:
             enabled=bool(data.get("enabled", True)),
             shadow=bool(data.get("shadow", False)),
             stable_age_s=stable_age_s,
+            models=str(data["models"]) if data.get("models") else None,
         )
 
     def with_changes(self, **changes: Any) -> RuleSpec:

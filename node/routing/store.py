@@ -62,6 +62,7 @@ def spec_of(row: RoutingRule) -> RuleSpec:
         enabled=row.enabled,
         shadow=row.shadow,
         stable_age_s=row.stable_age_s,
+        models=row.models,
     )
 
 
@@ -111,6 +112,7 @@ def _insert_version(session: Session, spec: RuleSpec, version: int, actor: str) 
         destinations=list(spec.destinations),
         stable_age_s=spec.stable_age_s,
         shadow=spec.shadow,
+        models=spec.models,
         created_by=actor[:64],
     )
     try:

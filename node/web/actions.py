@@ -26,8 +26,8 @@ from storage.errors import ConflictError, InputError, NodeError, TransferError
 from storage.models import Destination, Series
 from storage.users import Principal
 
-__all__ = ["cancel", "echo", "replay", "reprocess", "retry", "save_rule", "set_enabled",
-           "test_rule"]
+__all__ = ["cancel", "echo", "live", "reference", "replay", "reprocess", "retry", "save_rule",
+           "set_enabled", "test_rule", "verdict"]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ def cancel(ctx: WebContext, job_id: int, user: Principal) -> dict[str, Any]:
 def reprocess(ctx: WebContext, series_uid: str, rule: str | None, user: Principal
               ) -> list[dict[str, Any]]:
     """A new job for the series per matching rule (or the named one), as ``ainode reprocess``."""
+    from node.jobs.run import candidate_dir
     from node.orchestration import evaluate_series, registry_model_version
 
     with http_errors(), ctx.db.session() as s:
@@ -94,7 +95,8 @@ def reprocess(ctx: WebContext, series_uid: str, rule: str | None, user: Principa
             req = job_store.JobRequest(
                 pipeline=r.pipeline, rule=r, priority=r.priority, shadow=r.shadow,
                 model_version=registry_model_version(
-                    r.pipeline, models_dir=ctx.config.inference.models_dir))
+                    r.pipeline, models_dir=candidate_dir(s, r.models)
+                    or ctx.config.inference.models_dir))
             created.append(job_row(job_store.reprocess_job(s, series, req, actor=actor(user))))
         return created
 
@@ -196,3 +198,36 @@ def echo(ctx: WebContext, name: str, user: Principal) -> dict[str, Any]:
         audit(s, "destination.echo", outcome="success" if ok else "failure",
               actor=actor(user), destination=name, error=error)
     return {"destination": name, "ok": ok, "error": error}
+
+
+def verdict(ctx: WebContext, finding_id: int, value: str, comment: str | None,
+            user: Principal, source: str = "web") -> dict[str, Any]:
+    """A reader's verdict on a finding (any role: readers are viewers), audited."""
+    from storage.feedback import record_verdict
+
+    with http_errors(), ctx.db.session() as s:
+        row = record_verdict(s, finding_id, value, reader=actor(user), comment=comment,
+                             source=source)
+        return {"id": row.id, "finding_id": finding_id, "verdict": row.verdict,
+                "reader": row.reader}
+
+
+def reference(ctx: WebContext, series_uid: str, diagnosis: str, positive: bool | None,
+              comment: str | None, user: Principal) -> dict[str, Any]:
+    """The reference diagnosis of a series (pathology, follow-up), audited."""
+    from storage.feedback import record_reference
+
+    with http_errors(), ctx.db.session() as s:
+        row = record_reference(s, series_uid, diagnosis, reader=actor(user),
+                               positive=positive, comment=comment, source="feedback")
+        return {"id": row.id, "series_uid": series_uid, "diagnosis": row.diagnosis,
+                "positive": row.positive, "reader": row.reader}
+
+
+def live(ctx: WebContext, since: str, model: str, n_boot: int) -> dict[str, Any]:
+    """The live figures ``ainode evaluate --live`` prints, for the API."""
+    from node.cli.audit_cmd import parse_since
+    from node.live import live_figures
+
+    with http_errors(), ctx.db.session() as s:
+        return live_figures(s, parse_since(since), model=model, n_boot=n_boot)

@@ -143,6 +143,40 @@ def get_models(request: Request, user: Viewer) -> list[dict[str, Any]]:
     return queries.models(_ctx(request))
 
 
+class VerdictBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    verdict: str = Field(description="agree | disagree | uncertain")
+    comment: str | None = None
+
+
+@router.post("/findings/{finding_id}/verdict")
+def post_verdict(request: Request, finding_id: int, body: VerdictBody, user: Viewer
+                 ) -> dict[str, Any]:
+    """A reader's verdict; viewers may give one (readers are viewers), audited."""
+    return actions.verdict(_ctx(request), finding_id, body.verdict, body.comment, user,
+                           source="api")
+
+
+class ReferenceBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    diagnosis: str = Field(description="e.g. PDAC, normal (pathology, follow-up)")
+    positive: bool | None = None
+    comment: str | None = None
+
+
+@router.post("/series/{series_uid}/reference")
+def post_reference(request: Request, series_uid: str, body: ReferenceBody, user: Viewer
+                   ) -> dict[str, Any]:
+    return actions.reference(_ctx(request), series_uid, body.diagnosis, body.positive,
+                             body.comment, user)
+
+
+@router.get("/evaluation/live")
+def get_live(request: Request, user: Viewer, since: str = "90d", model: str = "active",
+             bootstrap: Annotated[int, Query(ge=10, le=5000)] = 1000) -> dict[str, Any]:
+    return actions.live(_ctx(request), since, model, bootstrap)
+
+
 @router.get("/me")
 def me(user: Viewer) -> dict[str, Any]:
     return {"username": user.username, "role": user.role.value, "via": user.via}

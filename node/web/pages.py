@@ -231,6 +231,24 @@ def reprocess_form(request: Request, series_uid: str, user: Admin) -> Response:
     return RedirectResponse(f"/series/{series_uid}", status_code=303)
 
 
+@router.post("/series/{series_uid}/verdict")
+def verdict_form(request: Request, series_uid: str, user: Viewer,
+                 finding_id: Annotated[int, Form()], verdict: Annotated[str, Form()],
+                 comment: Annotated[str, Form()] = "") -> Response:
+    """The result page's feedback form: a reader's verdict on one finding."""
+    actions.verdict(_ctx(request), finding_id, verdict, comment.strip() or None, user)
+    return RedirectResponse(f"/series/{series_uid}", status_code=303)
+
+
+@router.post("/series/{series_uid}/reference")
+def reference_form(request: Request, series_uid: str, user: Viewer,
+                   diagnosis: Annotated[str, Form()], comment: Annotated[str, Form()] = ""
+                   ) -> Response:
+    actions.reference(_ctx(request), series_uid, diagnosis, None, comment.strip() or None,
+                      user)
+    return RedirectResponse(f"/series/{series_uid}", status_code=303)
+
+
 @router.get("/rules/edit")
 def rule_editor(request: Request, user: Admin, name: str | None = None) -> HTMLResponse:
     rule = next((r for r in queries.rules(_ctx(request)) if r["name"] == name), None)

@@ -189,14 +189,15 @@ def jobs(ctx: WebContext, *, state: str | None = None, limit: int = 100
         return [job_row(j) for j in s.scalars(q)]
 
 
-def _finding(f: Finding) -> dict[str, Any]:
-    return {"kind": f.kind, "label": f.label, "probability": f.probability,
+def _finding(f: Finding, verdicts: dict[int, list[str]] | None = None) -> dict[str, Any]:
+    return {"id": f.id, "kind": f.kind, "label": f.label, "probability": f.probability,
             "location": f.location, "diameter_mm": f.diameter_mm, "volume_ml": f.volume_ml,
             "mean_hu": f.mean_hu, "legend": (f.details or {}).get("legend"),
             # The score's name as the SR gives it, and whether the package calibrated it
             # (issue 20): the console shows the one value and says which it is.
             "score_name": (f.details or {}).get("score_name"),
-            "calibrated": bool((f.details or {}).get("calibrated"))}
+            "calibrated": bool((f.details or {}).get("calibrated")),
+            "verdicts": (verdicts or {}).get(f.id, [])}
 
 
 def series_detail(ctx: WebContext, series_uid: str, *, phi: bool) -> dict[str, Any] | None:
@@ -209,6 +210,11 @@ def series_detail(ctx: WebContext, series_uid: str, *, phi: bool) -> dict[str, A
         job_rows = list(s.scalars(select(Job).options(selectinload(Job.series))
                                   .where(Job.series_id == se.id).order_by(Job.id.desc())))
         out_jobs = []
+        from storage.feedback import latest_references, latest_verdicts
+
+        verdicts = latest_verdicts(s, s.scalars(select(Finding.id).join(
+            Job, Finding.job_id == Job.id).where(Job.series_id == se.id)))
+        ref = latest_references(s, [se.id]).get(se.id)
         for job in job_rows:
             outputs = list(s.scalars(select(Output).where(Output.job_id == job.id)))
             sends = s.execute(select(Transfer, Destination.name)
@@ -217,7 +223,7 @@ def series_detail(ctx: WebContext, series_uid: str, *, phi: bool) -> dict[str, A
                               .where(Output.job_id == job.id)).all()
             out_jobs.append({
                 **job_row(job),
-                "findings": [_finding(f) for f in s.scalars(
+                "findings": [_finding(f, verdicts) for f in s.scalars(
                     select(Finding).where(Finding.job_id == job.id).order_by(Finding.id))],
                 "outputs": [{"kind": o.kind, "sop_instance_uid": o.sop_instance_uid,
                              "series_uid": o.series_instance_uid} for o in outputs],
@@ -232,6 +238,9 @@ def series_detail(ctx: WebContext, series_uid: str, *, phi: bool) -> dict[str, A
             "state": se.state.value, "skip_reason": se.skip_reason,
             "calling_ae": se.calling_ae, "first_received_at": _iso(se.first_received_at),
             "completed_at": _iso(se.completed_at), "jobs": out_jobs,
+            "reference": None if ref is None else {
+                "diagnosis": ref.diagnosis, "positive": ref.positive, "source": ref.source,
+                "at": _iso(ref.created_at)},
         }
         if phi:
             detail["patient_name"] = se.study.patient_name

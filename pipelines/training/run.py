@@ -72,15 +72,17 @@ def train_recipe(
     progress: Callable[[str], None] | None = None,
     max_cases: int | None = None,
     extra: Sequence[Path] = (),
+    init: dict[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train ``recipe`` on ``data`` (MSD layout; the first ``max_cases``) and every case
-    of the folders in ``extra``; checkpoints go to ``work``."""
+    of the folders in ``extra``; checkpoints go to ``work``. ``init``: the weights to
+    start from (fine-tuning a package, ``ainode train --init``)."""
     work.mkdir(parents=True, exist_ok=True)
     cases = find_cases(data, "Tr")[:max_cases] if max_cases != 0 else []
     for more in extra:
         cases += find_cases(more, "Tr")
     t0 = time.monotonic()
-    cfg = _config(recipe, seed, iterations, minutes)
+    cfg = replace(_config(recipe, seed, iterations, minutes), init=init)
     ckpt = work / f"{recipe.package}.ckpt"
     if recipe.task == "pancreas-localisation":
         s1 = [stage1_sample(*read_case(c), recipe.spacing, recipe.preset, _orientation(recipe))

@@ -72,7 +72,7 @@ class TrainConfig:
     window_crops: float = 0.0
     window_overlap: float = 0.5
     roi_jitter: int = 4
-    # stage 2 only: start from these weights (a refinement of a trained model)
+    # start from these weights (a refinement of a trained model; ``ainode train --init``)
     init: dict[str, torch.Tensor] | None = None
     # stage 1 only: crops reach past the scan by up to this fraction of a patch (air)
     air_margin: float = 0.0
@@ -294,6 +294,8 @@ def train_stage1(
 ) -> TrainResult:
     """Pancreas segmentation at low resolution, Dice + cross-entropy, random patches."""
     model = build(cfg.arch, cfg.params)
+    if cfg.init is not None:
+        model.load_state_dict(cfg.init)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
     aug = _augment()
     rng = np.random.default_rng(cfg.seed)
@@ -412,6 +414,8 @@ def train_slice(
 ) -> TrainResult:
     """The 2.5D slice classifier: class-balanced slices, weighted cross-entropy."""
     model = build(cfg.arch, cfg.params)
+    if cfg.init is not None:
+        model.load_state_dict(cfg.init)
     x_all = np.concatenate(stacks)
     y_all = np.concatenate(labels)
     counts = np.bincount(y_all, minlength=5).astype(float)
