@@ -48,6 +48,19 @@ class Pipeline(Protocol):
     def run(self, volume: object) -> AnalysisResult: ...
 
 
+def run_pipeline(pipeline: Pipeline, volume: object, *, evidence: bool) -> AnalysisResult:
+    """``pipeline.run(volume)``, asking for evidence maps when the pipeline takes the
+    ``evidence`` keyword (the built-in pancreas pipelines do; a plug-in need not)."""
+    import inspect
+
+    run = pipeline.run
+    try:
+        takes = "evidence" in inspect.signature(run).parameters
+    except (TypeError, ValueError):
+        takes = False
+    return run(volume, evidence=evidence) if takes else run(volume)  # type: ignore[call-arg]
+
+
 # Called with the keyword arguments ``models_dir`` (a Path, or None for the
 # pipeline's shipped weights) and ``device`` ("auto", "cpu", "cuda[:N]").
 # A factory may also offer ``packages(models_dir)``: which model package each

@@ -35,6 +35,7 @@ from node.config import NodeConfig
 from node.findings import finding_rows, job_provenance
 from pipelines import registry
 from pipelines.dicom_out import registry as writers
+from pipelines.dicom_out.builtins import EVIDENCE_KINDS
 from pipelines.results import AnalysisResult
 from storage import jobs as job_store
 from storage import models
@@ -199,7 +200,8 @@ def run_job(job_id: int, owner: str, deps: JobDeps, *,
     volume, sources = deps.load(list(plan.paths), pipeline.min_slices, plan.kinds)
     stage("infer")
     t0 = time.monotonic()
-    result, withheld = reportable(pipeline.run(volume))
+    evidence = bool(EVIDENCE_KINDS.intersection(plan.kinds))
+    result, withheld = reportable(registry.run_pipeline(pipeline, volume, evidence=evidence))
     if plan.notes:
         result = replace(result, notes=(*result.notes, *plan.notes))
     infer_s = time.monotonic() - t0

@@ -63,7 +63,11 @@ def sc(ctx: WriterContext) -> Sequence[pydicom.Dataset]:
     return write_sc(ctx.result, ctx.sources, series_number=ctx.series_number)
 
 
-# The evidence maps (issue 20): not defaults, a destination asks for them in `accepts`.
+# The evidence maps (issue 20): not defaults, a destination asks for them in `accepts`;
+# only then does the job runner have the pipeline compute them (the Grad-CAM's cost).
+EVIDENCE_KINDS = frozenset({"PMAP", "EVSC"})
+
+
 @writer("PMAP", sop_classes=(PARAMETRIC_MAP,), series_offset=4,
         description="Parametric Maps of the evidence (lesion probability, Grad-CAM)")
 def pmap(ctx: WriterContext) -> Sequence[pydicom.Dataset]:

@@ -176,9 +176,21 @@ class PancreasPipeline:
 
     # --- public entry points -------------------------------------------------------------
 
-    def run(self, volume: object) -> AnalysisResult:
-        """Analyse a pipelines.volume.Volume (or a SimpleITK image): the generic result."""
-        return self.report(volume).to_result()
+    def run(self, volume: object, *, evidence: bool | None = None) -> AnalysisResult:
+        """Analyse a pipelines.volume.Volume (or a SimpleITK image): the generic result.
+
+        ``evidence`` overrides ``settings.evidence_maps`` for this call: the Grad-CAM
+        costs three backward passes (seconds on a CPU), so the job runner asks for it
+        only when a destination of the job accepts an evidence kind.
+        """
+        if evidence is None or evidence == self.settings.evidence_maps:
+            return self.report(volume).to_result()
+        return self._with_evidence(evidence).report(volume).to_result()
+
+    def _with_evidence(self, evidence: bool) -> PancreasPipeline:
+        """This pipeline (same loaded stages) with evidence maps switched on or off."""
+        return dataclasses.replace(
+            self, settings=dataclasses.replace(self.settings, evidence_maps=evidence))
 
     def report(self, volume: object) -> PancreasReport:
         """What :meth:`run` finds, in the pipeline's own terms (what evaluation scores)."""
