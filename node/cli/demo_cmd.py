@@ -30,6 +30,7 @@ def demo(
     print_report(report, say=typer.echo)
     if report.job_state != "done":
         raise typer.Exit(1)
-    from node.web.demo_console import offer_console
+    from node.web.demo_console import console_config, offer_console
 
-    offer_console(app.config, typer.echo, serve=console, series_uid=report.series_uid)
+    offer_console(console_config(app.config, report.node_dir), typer.echo, serve=console,
+                  series_uid=report.series_uid)

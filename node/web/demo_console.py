@@ -8,6 +8,7 @@ once, on the terminal of whoever ran the demo, and the reset is audited.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 from node.config import NodeConfig
 from storage import migrate, users
@@ -15,9 +16,24 @@ from storage.audit import os_actor
 from storage.db import Database
 from storage.models import User, UserRole
 
-__all__ = ["DEMO_ADMIN", "offer_console"]
+__all__ = ["DEMO_ADMIN", "console_config", "offer_console"]
 
 DEMO_ADMIN = "admin"
+
+
+def console_config(config: NodeConfig, node_dir: Path | None) -> NodeConfig:
+    """The node's config pointed at the demo's own data directory.
+
+    Why: the demo keeps its series, rule and destination in a data directory of
+    its own (``node.demo.demo_config``); a console on the node's database would
+    not know the demo series the printed link names, and the demo admin would
+    land in a database the demo never used.
+    """
+    if node_dir is None:
+        return config
+    storage = config.storage.model_copy(update={
+        "data_dir": node_dir, "database_url": None, "spool_dir": None, "results_dir": None})
+    return config.model_copy(update={"storage": storage})
 
 
 def offer_console(config: NodeConfig, say: Callable[[str], None], *, serve: bool,
@@ -44,7 +60,7 @@ def offer_console(config: NodeConfig, say: Callable[[str], None], *, serve: bool
     if series_uid:
         say(f"  the demo series: {url}series/{series_uid}")
     if not serve:
-        say("  serve it with: ainode web")
+        say(f"  serve it with: AINODE_STORAGE__DATA_DIR={config.storage.data_dir} ainode web")
         return url
     from node.web import WebContext, WebServer
 
