@@ -7,6 +7,7 @@ someone with database access would.
 
 from __future__ import annotations
 
+import base64
 import itertools
 import socket
 import ssl
@@ -202,7 +203,9 @@ def test_sealed_rows_are_forwarded_to_a_syslog_collector_over_tls(
     sops = [ET.fromstring(f[f.index(b"\xef\xbb\xbf") + 3:])
             .find("ParticipantObjectIdentification/ParticipantObjectDetail[@type="
                   "'SOPInstanceUID']") for f in collector.frames]
-    assert [e.get("value") for e in sops if e is not None] == [f"1.2.3.4.{i}" for i in range(6)]
+    # Detail values are xsd:base64Binary (PS3.15 A.5.1).
+    assert [base64.b64decode(e.get("value", "")).decode() for e in sops if e is not None] == \
+        [f"1.2.3.4.{i}" for i in range(6)]
     with any_db.session() as s:
         assert verify(s).ok
         assert [row_dict(r)["event"] for r in s.scalars(sa.select(AuditEvent))] == \

@@ -20,7 +20,7 @@ from xml.etree import ElementTree as ET
 import typer
 from sqlalchemy import select
 
-from node.audit_atna import audit_message
+from node.audit_atna import audit_message, schema, validate
 from node.cli.context import get
 from node.cli.output import to_jsonable
 from storage.audit_chain import seal, verify
@@ -74,10 +74,22 @@ def export(
     )] = "jsonl",
     event: Annotated[str | None, typer.Option("--event", help="event name, * wildcards")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="default: stdout")] = None,
+    check: Annotated[bool, typer.Option(
+        "--validate", help="with --format dicom: check each message against the PS3.15 A.5.1 "
+        "schema; exit 1 naming every audit id whose message does not validate (needs lxml)",
+    )] = False,
 ) -> None:
     """Export audit events since --since, oldest first."""
     start = parse_since(since)
     end = parse_since(until) if until else None
+    if check and fmt != "dicom":
+        raise InputError("--validate checks DICOM audit messages: use it with --format dicom")
+    if check:
+        try:
+            schema()  # lxml and the schema load before anything is written
+        except ImportError as exc:
+            raise InputError(str(exc)) from None
+    invalid: list[tuple[Any, list[str]]] = []
     fh = output.open("w", encoding="utf-8", newline="") if output else sys.stdout
     try:
         count = 0
@@ -87,8 +99,10 @@ def export(
         source_id = get(ctx).config.dicom.ae_title
         for row in _rows(ctx, start, end, event, raw=fmt == "dicom"):
             if fmt == "dicom":
-                fh.write(ET.tostring(audit_message(row, source_id=source_id),
-                                     encoding="unicode") + "\n")
+                xml = ET.tostring(audit_message(row, source_id=source_id), encoding="unicode")
+                if check and (errors := validate(xml)):
+                    invalid.append((row["id"], errors))
+                fh.write(xml + "\n")
             elif fmt == "csv":
                 writer.writerow({**row, "details": json.dumps(row["details"], sort_keys=True)})
             else:
@@ -99,6 +113,14 @@ def export(
             fh.close()
     if output:
         typer.echo(f"{count} audit events written to {output}", err=True)
+    for audit_id, errors in invalid:
+        for error in errors:
+            typer.echo(f"audit id {audit_id}: not a valid PS3.15 A.5.1 message: {error}",
+                       err=True)
+    if check:
+        typer.echo(f"{count - len(invalid)} of {count} messages valid (PS3.15 A.5.1)", err=True)
+    if invalid:
+        raise typer.Exit(1)
 
 
 @app.command("verify")
