@@ -9,12 +9,17 @@ rule starts a pancreas job first, so the receivers share the machine with it.
 
 ``python -m tests.support.load --seconds 1800 --senders 8 --slices 300``
 (``make soak``) repeats rounds for that long; ``tests/test_load.py`` runs one
-small round.
+small round. Each round is checked as it ends (every acknowledged instance has
+its row) and then purged by the node's own retention step
+(``node.orchestration.clean_spool``), and the senders' folders are re-stamped
+in place: a round writes 8 x 150 MB, and a soak that kept them all filled a
+75 GB disk in nine minutes.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import subprocess
 import sys
@@ -60,7 +65,10 @@ class LoadReport:
 
 
 def clone_ct(out: Path, n: int) -> Path:
-    """``n`` slices of the Philips phantom under fresh Study/Series/SOP UIDs."""
+    """``n`` slices of the Philips phantom under fresh Study/Series/SOP UIDs (replacing
+    what ``out`` held)."""
+    if out.exists():
+        shutil.rmtree(out)
     out.mkdir(parents=True)
     base = pydicom.dcmread(sorted(dicom_series_dir("ct_phantom_philips").glob("*.dcm"))[0])
     base.StudyInstanceUID, base.SeriesInstanceUID = generate_uid(), generate_uid()
@@ -135,10 +143,10 @@ def _sender(port: int, folder: Path, report: LoadReport, lock: threading.Lock) -
 
 def load_round(node: NodeProc, tmp: Path, *, senders: int, slices: int,
                report: LoadReport | None = None) -> LoadReport:
-    """One round: ``senders`` storescu processes at once, each its own ``slices``-slice CT."""
+    """One round: ``senders`` storescu processes at once, each its own ``slices``-slice CT
+    (in ``tmp/load-<i>``, fresh UIDs each round)."""
     report = report or LoadReport()
-    folders = [clone_ct(tmp / f"load-{time.monotonic_ns()}-{i}", slices)
-               for i in range(senders)]
+    folders = [clone_ct(tmp / f"load-{i}", slices) for i in range(senders)]
     lock = threading.Lock()
     stop = threading.Event()
 
@@ -173,6 +181,41 @@ def landed(node: NodeProc, folders: list[Path]) -> int:
         db.dispose()
 
 
+def series_of(folders: list[Path]) -> list[str]:
+    return [str(pydicom.dcmread(next(iter(sorted(d.glob("*.dcm")))),
+                                stop_before_pixels=True).SeriesInstanceUID) for d in folders]
+
+
+def purge(node: NodeProc, series_uids: list[str], *, timeout: float = 120) -> int:
+    """Once the node has routed these series, its retention step removes their files.
+
+    The node's own ``clean_spool`` with a retention of a moment: the spool stays
+    bounded over a long soak through the code a long-running node relies on,
+    which never removes a series with unfinished work.
+    """
+    from node.config import NodeConfig, StorageConfig
+    from node.orchestration import Services, clean_spool
+    from storage.filestore import FileStore
+    from storage.models import Series, SeriesState
+
+    db = node.db
+    try:
+        def routed() -> bool:
+            with db.session() as s:
+                n = s.scalar(sa.select(sa.func.count()).select_from(Series).where(
+                    Series.series_instance_uid.in_(series_uids),
+                    Series.state == SeriesState.ROUTED))
+            return n == len(series_uids)
+
+        wait_for(routed, timeout=timeout, interval=0.5, what="the round's series routed")
+        config = NodeConfig(storage=StorageConfig(data_dir=node.data_dir,
+                                                  retention_days=1e-9))
+        cleaned = clean_spool(Services(config, db, FileStore(node.data_dir)))
+        return sum(1 for uid in cleaned if uid in set(series_uids))
+    finally:
+        db.dispose()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="soak a live node for a chosen time")
     parser.add_argument("--seconds", type=float, default=1800)
@@ -182,18 +225,22 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="ainode-soak-"))
     node = start_load_node(tmp)
     report = LoadReport()
-    rounds = 0
+    rounds = recorded = purged = 0
     try:
         start_job(node, tmp)
         end = time.monotonic() + args.seconds
         while time.monotonic() < end:
             load_round(node, tmp, senders=args.senders, slices=args.slices, report=report)
+            folders = sorted(tmp.glob("load-*"))
+            recorded += landed(node, folders)  # before the purge removes the rows
+            purged += purge(node, series_of(folders))
             rounds += 1
-        recorded = landed(node, sorted(tmp.glob("load-*")))
     finally:
         node.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
     print(f"{rounds} rounds of {args.senders} x {args.slices}: {report.summary()}")
-    print(f"recorded in the database: {recorded} of {report.acknowledged} acknowledged")
+    print(f"recorded in the database: {recorded} of {report.acknowledged} acknowledged; "
+          f"{purged} series purged by retention after their check")
     lost = report.sent - recorded
     print(f"lost (not acknowledged or not recorded): {lost}; "
           f"failed senders: {report.failed_senders}")
