@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GROUP", "Pipeline", "available", "get", "model_packages", "refresh", "register"]
+__all__ = ["GROUP", "Pipeline", "available", "get", "model_packages", "quality_reference",
+           "refresh", "register"]
 
 GROUP = "ainode.pipelines"
 
@@ -257,3 +258,26 @@ def model_packages(name: str, models_dir: Path | None = None) -> Mapping[str, An
         return {}
     result = packages(models_dir)
     return dict(result)
+
+
+def quality_reference(name: str, models_dir: Path | None = None
+                      ) -> tuple[str, str, list[dict[str, Any]]] | None:
+    """The drift reference of pipeline ``name``: (package, fitted on, records), or None.
+
+    Read from the packages the pipeline would load (stage 2 first, where
+    ``ainode evaluate --write-reference`` puts it), without building the
+    pipeline: the periodic quality check needs no weights in memory.
+    """
+    from pipelines.models.package import load_qa_reference, read_manifest
+
+    found = model_packages(name, models_dir)
+    for stage in sorted(found, key=lambda k: (k != "stage2", k)):
+        pkg = found[stage]
+        path = getattr(pkg, "path", None)
+        if path is None:
+            continue
+        m = read_manifest(Path(path))
+        records = load_qa_reference(Path(path), m)
+        if records is not None and m.qa_reference is not None:
+            return f"{m.name} {m.version}", m.qa_reference.fitted_on, records
+    return None

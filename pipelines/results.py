@@ -14,7 +14,11 @@ found in three lists, each item carrying its own codes and words:
 * ``summary_text``: the one-line impression the SR and the job row carry;
 * ``evidence``: optional maps of what drove the findings (a probability map,
   a gradient attribution), 0..1 on the source grid, each naming the findings
-  it explains: the Parametric Map and the evidence Secondary Capture.
+  it explains: the Parametric Map and the evidence Secondary Capture;
+* ``quality``: optional numbers about the input and the model's own state
+  (intensity statistics of the organ, outputs, a pooled feature vector) that
+  the node keeps per job and compares over time with the model package's
+  reference (drift monitoring); never shown as a finding.
 
 A finding that refers to a segment marks that segment as a *finding region*
 (outlined in red on the GSPS and the Secondary Capture); a segment no finding
@@ -57,6 +61,7 @@ __all__ = [
     "Code",
     "EvidenceMap",
     "Measurement",
+    "QualityRecord",
     "ResultStatus",
     "ScoredFinding",
     "Segment",
@@ -224,6 +229,31 @@ class EvidenceMap:
             raise ValueError(f"evidence map label longer than 64 characters: {self.label!r}")
 
 
+@dataclass(frozen=True, slots=True)
+class QualityRecord:
+    """What one run says about its input and about the model's state, for drift monitoring.
+
+    Why separate from provenance: these are the numbers compared, job after job,
+    with the distribution the model package's validation set gave
+    (``pipelines.evaluation.drift``), so they must be named and computed the same
+    way in ``ainode evaluate`` and in the node. ``descriptors`` describe the
+    input (e.g. HU statistics inside the organ, voxel spacing); ``outputs`` the
+    model's answers (patient score, candidate count, top confidence, raw, before
+    calibration, because calibration is refitted and the model is what drifts);
+    ``features`` a compact summary of the encoder's features (the pooled vector
+    the competence check reads), None when the network exposes none.
+    """
+
+    descriptors: Mapping[str, float] = field(default_factory=dict)
+    outputs: Mapping[str, float] = field(default_factory=dict)
+    features: tuple[float, ...] | None = None
+
+    def as_record(self, series: str) -> dict[str, Any]:
+        """The form the drift statistics compare (``pipelines.evaluation.drift.compare``)."""
+        return {"series": series, "descriptors": {**self.descriptors, **self.outputs},
+                "features": list(self.features) if self.features is not None else None}
+
+
 @dataclass(slots=True)
 class AnalysisResult:
     """The output of one pipeline run on one series."""
@@ -242,6 +272,7 @@ class AnalysisResult:
     # which earlier result of the same series it supersedes (set by the node).
     notes: tuple[str, ...] = ()
     evidence: list[EvidenceMap] = field(default_factory=list)
+    quality: QualityRecord | None = None
 
     def __post_init__(self) -> None:
         if self.status not in ("assessed", "not_assessable"):

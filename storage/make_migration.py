@@ -51,7 +51,8 @@ def main(argv: list[str]) -> None:
         Path(last.path).unlink()
     elif len(argv) == 1 and not argv[0].startswith("-"):
         base, message = head, argv[0]
-        rev_id = f"{int(head or 0) + 1:04d}"
+        # Heads may carry a suffix ("0004_i20_feedback"): the number is the part before it.
+        rev_id = f"{int(str(head or 0).split('_', 1)[0]) + 1:04d}"
     else:
         raise SystemExit(__doc__)
     with tempfile.TemporaryDirectory() as tmp:

@@ -19,7 +19,7 @@ import numpy.typing as npt
 from scipy import stats
 
 #: Descriptors computed from the image inside the organ mask (stage-1 output).
-INTENSITY_KEYS = ("organ_mean", "organ_sd", "organ_p05", "organ_p95")
+INTENSITY_KEYS = ("organ_mean", "organ_sd", "organ_p05", "organ_p95", "organ_noise")
 
 
 def intensity_descriptors(image: npt.NDArray[Any], mask: npt.NDArray[Any]) -> dict[str, float]:
@@ -28,12 +28,23 @@ def intensity_descriptors(image: npt.NDArray[Any], mask: npt.NDArray[Any]) -> di
     Why inside the organ: contrast phase and noise change the organ's values first,
     and the whole-volume histogram is dominated by air and fat.
     """
-    vals = np.asarray(image, dtype=np.float64)[np.asarray(mask) > 0]
+    m = np.asarray(mask) > 0
+    vals = np.asarray(image[m], dtype=np.float64)
     if vals.size == 0:
         return {}
     p05, p95 = np.percentile(vals, [5, 95])
-    return {"organ_mean": float(vals.mean()), "organ_sd": float(vals.std()),
-            "organ_p05": float(p05), "organ_p95": float(p95)}
+    out = {"organ_mean": float(vals.mean()), "organ_sd": float(vals.std()),
+           "organ_p05": float(p05), "organ_p95": float(p95)}
+    # Noise apart from texture: neighbours along a row, both in the organ, differ by
+    # sqrt(2) times the noise where the tissue is smooth (a dose or kernel change
+    # moves this while the mean stays put).
+    pair = m[..., 1:] & m[..., :-1]
+    if pair.any():
+        diff = (np.asarray(image[..., 1:], np.float64)[pair]
+                - np.asarray(image[..., :-1], np.float64)[pair])
+        mad = float(np.median(np.abs(diff - np.median(diff)))) * 1.4826
+        out["organ_noise"] = mad / float(np.sqrt(2.0))
+    return out
 
 
 def psi(reference: npt.ArrayLike, recent: npt.ArrayLike, bins: int = 10) -> float:

@@ -42,6 +42,7 @@ from pipelines.evaluation.metrics import (
     roc_curve,
     summarise,
 )
+from pipelines.models.package import QA_REFERENCE_FILE
 from pipelines.pancreas.measures import (
     centroid_lps,
     long_axis_diameter_mm,
@@ -124,19 +125,25 @@ def record_case(case_id: str, diagnosis: str | None, img: sitk.Image, lab: sitk.
 
 
 def run_cases(data: Path, pipeline: Any, *, max_cases: int | None = None,
-              progress: Callable[[str], None] | None = None) -> list[CaseRecord]:
+              progress: Callable[[str], None] | None = None,
+              quality: list[dict[str, Any]] | None = None) -> list[CaseRecord]:
     """``pipeline.report`` on every case of ``data``, each scored against its label.
 
     The one loop of ``ainode evaluate`` and ``ainode calibrate``, so a
-    calibration is fitted on exactly the scores an evaluation measures.
+    calibration is fitted on exactly the scores an evaluation measures. When
+    ``quality`` is a list, each case's quality record (the one a job keeps,
+    :meth:`pipelines.results.QualityRecord.as_record`) is appended to it: the
+    drift reference of the model package.
     """
     cases = find_cases(data)[:max_cases]
     records: list[CaseRecord] = []
     t0 = time.monotonic()
     for i, case in enumerate(cases, 1):
         img, lab = read_case(case)
-        records.append(record_case(case.case_id, case.diagnosis, img, lab,
-                                   pipeline.report(img)))
+        report = pipeline.report(img)
+        records.append(record_case(case.case_id, case.diagnosis, img, lab, report))
+        if quality is not None and callable(getattr(report, "quality", None)):
+            quality.append(report.quality().as_record(case.case_id))
         if progress:
             r = records[-1]
             state = "" if r.assessable else f" NOT ASSESSABLE ({r.reason})"
@@ -165,7 +172,9 @@ def evaluate(
     """
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    records = run_cases(data, pipeline, max_cases=max_cases, progress=progress)
+    quality: list[dict[str, Any]] = []
+    records = run_cases(data, pipeline, max_cases=max_cases, progress=progress,
+                        quality=quality)
     metrics = summarise(records, n_boot=n_boot)
     metrics["calibration"] = calibration_metrics(records, out)
     metrics["set_name"] = set_name
@@ -176,6 +185,8 @@ def evaluate(
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "metrics.md").write_text(markdown_table(metrics))
     _write_cases(out / "cases.csv", records)
+    # The drift reference (``ainode evaluate --write-reference`` stores it in the package).
+    (out / QA_REFERENCE_FILE).write_text(json.dumps(quality, separators=(",", ":")))
     _plots(out, records)
     return metrics
 

@@ -10,6 +10,7 @@ reads the file, so a swapped or truncated weight file is refused, never run.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import shutil
 from dataclasses import dataclass
@@ -36,12 +37,14 @@ __all__ = [
     "Manifest",
     "find_packages",
     "load_package",
+    "load_qa_reference",
     "locate_package",
     "read_manifest",
     "sha256_file",
     "verify_package",
     "write_calibration",
     "write_package",
+    "write_qa_reference",
 ]
 
 MANIFEST = "model.yaml"
@@ -123,6 +126,31 @@ class Competence(_Strict):
         return Weights._inside(v)
 
 
+class QaReference(_Strict):
+    """Optional: the quality records of the validation set (a JSON list), for drift monitoring.
+
+    What the node's recent jobs are compared with (``ainode qa report``): the
+    input descriptors, raw outputs and pooled features ``ainode evaluate`` saw
+    on ``fitted_on``. Hashed like the weights, because a swapped file would
+    silently decide which scanners raise an alert.
+    """
+
+    file: str
+    sha256: str
+    fitted_on: str  # which data set, in words (source, seeds)
+    cases: int
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, v: str) -> str:
+        return Weights._hex(v)
+
+    @field_validator("file")
+    @classmethod
+    def _inside(cls, v: str) -> str:
+        return Weights._inside(v)
+
+
 class Manifest(_Strict):
     name: str
     version: str
@@ -139,6 +167,7 @@ class Manifest(_Strict):
     # The calibration ``ainode calibrate`` fitted (pipelines.calibration): what maps the
     # scores the pipeline reports to calibrated probabilities. None: reported raw.
     calibration: CalibrationEntry | None = None
+    qa_reference: QaReference | None = None
 
 
 @dataclass
@@ -224,6 +253,44 @@ def load_competence(pkg: Path, m: Manifest) -> dict[str, npt.NDArray[Any]] | Non
     if missing:
         raise ModelError(f"{pkg.name}: competence file lacks {', '.join(sorted(missing))}")
     return arrays
+
+
+QA_REFERENCE_FILE = "qa_reference.json"
+
+
+def write_qa_reference(pkg: Path, records: list[dict[str, Any]], *, fitted_on: str) -> Manifest:
+    """Store the validation set's quality records in the package; the verified manifest.
+
+    The version is unchanged: the reference changes no output of the model, only
+    what the node compares its inputs with, so jobs need not be redone.
+    """
+    m = verify_package(pkg)
+    f = pkg / QA_REFERENCE_FILE
+    f.write_text(json.dumps(records, separators=(",", ":")))
+    entry = QaReference(file=QA_REFERENCE_FILE, sha256=sha256_file(f), fitted_on=fitted_on,
+                        cases=len(records))
+    write_manifest(pkg, m.model_copy(update={"qa_reference": entry}))
+    return verify_package(pkg)
+
+
+def load_qa_reference(pkg: Path, m: Manifest) -> list[dict[str, Any]] | None:
+    """The package's reference records after checking their sha256; None if it has none."""
+    if m.qa_reference is None:
+        return None
+    f = pkg / m.qa_reference.file
+    if not f.is_file():
+        raise ModelError(f"{pkg.name}: quality reference {m.qa_reference.file} is missing")
+    actual = sha256_file(f)
+    if actual != m.qa_reference.sha256:
+        raise ModelError(f"{pkg.name}: quality reference hash mismatch (manifest "
+                         f"{m.qa_reference.sha256[:12]}…, file {actual[:12]}…)")
+    try:
+        data = json.loads(f.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{pkg.name}: cannot read quality reference: {exc}") from exc
+    if not isinstance(data, list):
+        raise ModelError(f"{pkg.name}: quality reference is not a list of records")
+    return data
 
 
 def resolve_device(device: str) -> torch.device:
@@ -318,7 +385,7 @@ def write_package(
 
 def write_manifest(out: Path, manifest: Manifest) -> None:
     data = manifest.model_dump(mode="json")
-    for key in ("competence", "calibration"):  # optional: absent, not "null", when none
+    for key in ("competence", "calibration", "qa_reference"):  # absent, not "null", if none
         if data.get(key) is None:
             data.pop(key, None)
     (out / MANIFEST).write_text(yaml.safe_dump(data, sort_keys=False))

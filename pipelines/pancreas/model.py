@@ -50,6 +50,7 @@ from pipelines.pancreas.measures import (
 )
 from pipelines.pancreas.output import TUMOUR_TYPES, Lesion, PancreasReport
 from pipelines.pancreas.preprocess import model_input, slice_roi, slice_stack, stage2_roi
+from pipelines.pancreas.quality import input_descriptors
 from pipelines.preprocess import pixels, resample_like
 from pipelines.results import AlgorithmInfo, AnalysisResult
 from storage.errors import ModelError, PipelineError
@@ -217,7 +218,9 @@ class PancreasPipeline:
             raise PipelineError("input", "empty volume")
         if img.GetPixelID() != sitk.sitkFloat32:  # no second copy of a float32 source grid
             img = sitk.Cast(img, sitk.sitkFloat32)
-        return self.analyse(img, uids, frames, modality, info)
+        rep = self.analyse(img, uids, frames, modality, info)
+        rep.quality_descriptors = input_descriptors(img, rep.pancreas_mask)
+        return rep
 
     def analyse(self, img: sitk.Image, uids: list[str], frames: list[int] | None,
                 modality: str, info: SeriesInfo | None = None) -> PancreasReport:
@@ -237,6 +240,7 @@ class PancreasPipeline:
             **self.model_sources,
         }
         verdict = Applicability()
+        feats: npt.NDArray[np.float64] | None = None  # stage 2's pooled features, once run
 
         def refused(s1: _Stage1 | None = None) -> PancreasReport:
             """The report of a refused case. What stage 1 drew stays on it (on the source
@@ -248,7 +252,7 @@ class PancreasPipeline:
                 patient_score=0.0, pancreas_found=s1 is not None,
                 pancreas_mask=None if s1 is None else _mask_on_source(s1, img),
                 source_frame_numbers=frames, provenance=provenance,
-                not_assessable=verdict.reason,
+                not_assessable=verdict.reason, features=feats,
             )
 
         check = self.settings.applicability
@@ -306,8 +310,10 @@ class PancreasPipeline:
             t3 = time.perf_counter()
             attribution = self.attribution(img, roi)
             timings["attribution_s"] = round(time.perf_counter() - t3, 3)
-        return self._result(img, uids, frames, modality, s1, roi, prob, cls, slice_dist,
-                            algo, provenance, attribution)
+        rep = self._result(img, uids, frames, modality, s1, roi, prob, cls, slice_dist,
+                           algo, provenance, attribution)
+        rep.features = feats
+        return rep
 
     # --- stages ----------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from pipelines.pancreas.quality import output_descriptors
 from pipelines.results import (
     HOUNSFIELD_UNIT,
     MEAN_ATTENUATION,
@@ -25,6 +26,7 @@ from pipelines.results import (
     Code,
     EvidenceMap,
     Measurement,
+    QualityRecord,
     ScoredFinding,
     Segment,
     probability_text,
@@ -190,6 +192,10 @@ class PancreasReport:
     # the source grid, 0..1, and how it was computed. None: not computed.
     attribution: npt.NDArray[np.float32] | None = None
     attribution_method: str = ""
+    # For drift monitoring (pipelines.pancreas.quality): the input's descriptors and
+    # stage 2's pooled features (None: stage 2 did not run or exposes none).
+    quality_descriptors: dict[str, float] = field(default_factory=dict)
+    features: npt.NDArray[np.float64] | None = None
 
     @property
     def calibrated(self) -> bool:
@@ -214,6 +220,16 @@ class PancreasReport:
         return f"{patient}. " + "; ".join(lesion_text(les, les.raw_confidence is not None)
                                           for les in self.lesions)
 
+    def quality(self) -> QualityRecord:
+        """The record drift monitoring keeps: input descriptors, raw outputs, features."""
+        raw = [float(les.raw_confidence if les.raw_confidence is not None else les.confidence)
+               for les in self.lesions]
+        outputs = output_descriptors(self.patient_score, self.raw_patient_score, raw,
+                                     self.provenance, self.assessable)
+        feats = None if self.features is None else tuple(
+            round(float(v), 5) for v in np.asarray(self.features).ravel())
+        return QualityRecord(dict(self.quality_descriptors), outputs, feats)
+
     def to_result(self) -> AnalysisResult:
         """The generic result: the gland and each lesion as segments, the scores as findings.
 
@@ -228,7 +244,7 @@ class PancreasReport:
                 source_sop_instance_uids=list(self.source_sop_instance_uids),
                 status="not_assessable", reason=self.not_assessable,
                 summary_text=self.summary(), source_frame_numbers=self.source_frame_numbers,
-                provenance=self.provenance,
+                provenance=self.provenance, quality=self.quality(),
             )
         segments: list[Segment] = []
         if self.pancreas_mask is not None:
@@ -288,7 +304,7 @@ class PancreasReport:
             status="assessed" if self.pancreas_found else "not_assessable",
             reason=None if self.pancreas_found else "pancreas not found",
             summary_text=self.summary(), source_frame_numbers=self.source_frame_numbers,
-            provenance=self.provenance,
+            provenance=self.provenance, quality=self.quality(),
         )
 
     def _evidence(self) -> list[EvidenceMap]:
