@@ -46,6 +46,7 @@ __all__ = [
     "InferenceConfig",
     "LoggingConfig",
     "NodeConfig",
+    "QAConfig",
     "QueueConfig",
     "ResultKind",
     "SeriesConfig",
@@ -417,6 +418,26 @@ class DatasetConfig(_Section):
         return value
 
 
+class QAConfig(_Section):
+    """Drift monitoring (``ainode qa``): the recent jobs against the model package's reference.
+
+    A descriptor alerts only when both tests agree (PSI above ``psi`` and the KS p
+    below ``ks_p``): one odd bin on a small window should not page anyone.
+    """
+
+    enabled: bool = Field(default=True, description="record each job's quality record")
+    interval_s: float = Field(default=3600.0, ge=0.0, description="how often ainode serve "
+                              "runs the check (audited alerts); 0: only ainode qa check")
+    window_days: float = Field(default=30.0, gt=0.0, description="the recent window compared")
+    psi: float = Field(default=0.25, gt=0.0, description="population stability index limit")
+    ks_p: float = Field(default=0.01, gt=0.0, lt=1.0, description="Kolmogorov-Smirnov p limit")
+    mmd_p: float = Field(default=0.01, gt=0.0, lt=1.0,
+                         description="feature MMD permutation p limit")
+    outlier_z: float = Field(default=4.0, gt=0.0,
+                             description="robust z beyond which a series is an outlier")
+    min_window: int = Field(default=5, ge=2, description="fewer jobs in a group: no test")
+
+
 class NodeConfig(BaseSettings):
     """The whole node configuration; see config/node.example.yaml for every key."""
 
@@ -438,6 +459,7 @@ class NodeConfig(BaseSettings):
     audit: AuditConfig = Field(default_factory=AuditConfig)
     queue: QueueConfig = Field(default_factory=QueueConfig)
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    qa: QAConfig = Field(default_factory=QAConfig)
 
     @field_validator("destinations")
     @classmethod

@@ -70,6 +70,7 @@ __all__ = [
     "JobPublisher",
     "RoutingOutcome",
     "Services",
+    "check_quality",
     "clean_spool",
     "close_series",
     "decisive_attributes",
@@ -95,6 +96,7 @@ DEFAULT_INTERVALS: dict[str, float] = {
     "send_results": 5.0,
     "clean_spool": 3600.0,
     "sweep_queue": 0.0,  # only with Celery dispatch: NodeService sets queue.sweep_interval_s
+    "check_quality": 0.0,  # NodeService sets qa.interval_s when qa.enabled
 }
 
 
@@ -523,6 +525,16 @@ def record_turnaround(db: Database, *, now: datetime | None = None) -> int:
 # -- retention -------------------------------------------------------------------------------
 
 
+def check_quality(services: Services) -> int:
+    """Drift monitoring (node.quality): store each group's state, audit new alerts.
+
+    Returns how many groups are in alert now.
+    """
+    from node.quality import run_quality_check
+
+    return sum(1 for r in run_quality_check(services.db, services.config) if r.alerts)
+
+
 def clean_spool(services: Services, *, now: datetime | None = None) -> list[str]:
     """Delete the received files of routed series older than the retention period.
 
@@ -597,6 +609,7 @@ def register_tasks(scheduler: _Scheduler, services: Services,
         "send_results": send_results,
         "clean_spool": clean_spool,
         "sweep_queue": sweep_queue,
+        "check_quality": check_quality,
     }
     chosen = {**DEFAULT_INTERVALS, **(intervals or {})}
     ids = []

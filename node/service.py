@@ -145,6 +145,8 @@ class NodeService:
         intervals = {"close_series": self.completion_interval_s}
         if self.config.queue.broker_url:
             intervals["sweep_queue"] = self._start_dispatch(services)
+        if self.config.qa.enabled:  # drift monitoring: the window against the references
+            intervals["check_quality"] = self.config.qa.interval_s
         # close_series on the service's own tick (every second by default): a quiet
         # series should not wait a whole routing interval to complete.
         # dispatch_jobs without services.worker only requeues orphaned jobs; the

@@ -51,6 +51,8 @@ __all__ = [
     "ModelCandidate",
     "NodeHeartbeat",
     "Output",
+    "QualityCheck",
+    "QualityRecord",
     "ReferenceDiagnosis",
     "RoutingRule",
     "Series",
@@ -600,3 +602,56 @@ class ModelCandidate(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     created_by: Mapped[str | None] = mapped_column(String(128))
     promoted_at: Mapped[datetime | None]
+
+
+class QualityRecord(Base):
+    """What one job saw and answered, for drift monitoring (one row per job that ran).
+
+    ``descriptors``: the input's numbers, from the series header (kVp, slice
+    thickness, pixel spacing) and from the pipeline (HU statistics of the organ);
+    ``outputs``: the model's raw answers (patient score, candidates, top
+    confidence); ``features``: the pooled encoder features (or null). ``scanner``
+    is the group a report compares by: manufacturer and model name, no identity.
+    ``header`` keeps the categorical header values (kernel, contrast agent) that
+    are listed, not tested.
+    """
+
+    __tablename__ = "quality_records"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"),
+                                        unique=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"),
+                                           index=True)
+    pipeline: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(64), default="")
+    scanner: Mapped[str] = mapped_column(String(128), default="unknown")
+    shadow: Mapped[bool] = mapped_column(Boolean, default=False)
+    assessed: Mapped[bool] = mapped_column(Boolean, default=True)
+    descriptors: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    outputs: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    features: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
+    header: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class QualityCheck(Base):
+    """One comparison of a recent window with the model package's reference, per group.
+
+    The newest row of a (pipeline, scanner) group is that group's state: its
+    ``alerts`` are what ``ainode status``, the metrics and the console show.
+    ``scanner`` is ``*`` for all scanners together.
+    """
+
+    __tablename__ = "quality_checks"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    checked_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    pipeline: Mapped[str] = mapped_column(String(64))
+    scanner: Mapped[str] = mapped_column(String(128))
+    window_days: Mapped[float] = mapped_column(Float)
+    n_recent: Mapped[int] = mapped_column(default=0)
+    n_reference: Mapped[int] = mapped_column(default=0)
+    reference: Mapped[str | None] = mapped_column(String(256))  # what it was fitted on
+    alerts: Mapped[list[Any]] = mapped_column(default=list)
+    report: Mapped[dict[str, Any]] = mapped_column(default=dict)

@@ -32,6 +32,7 @@ from node.cli import (
     feedback_cmd,
     jobs_cmd,
     models_cmd,
+    qa_cmd,
     render_cmd,
     rules_cmd,
     serve_cmd,
@@ -163,6 +164,7 @@ app.command("evaluate")(evaluate_cmd.evaluate)
 app.command("calibrate")(calibrate_cmd.calibrate)
 app.add_typer(feedback_cmd.app, name="feedback")
 app.add_typer(dataset_cmd.app, name="dataset")
+app.add_typer(qa_cmd.app, name="qa")
 app.add_typer(users_cmd.app, name="users")
 app.command("web")(web_cmd.web)
 

@@ -67,6 +67,10 @@ def evaluate(
         "--card", help="--live: also write the figures into this model package's card")] =
         None,
     as_json: Annotated[bool, typer.Option("--json", help="--live: print JSON")] = False,
+    write_reference: Annotated[Path | None, typer.Option(
+        "--write-reference", help="store the cases' quality records in this (stage-2) model "
+        "package as its drift reference, named by --set-name (ainode qa report compares "
+        "live jobs with it)")] = None,
 ) -> None:
     """Run PIPELINE on DATA: metrics.json, metrics.md, ROC/FROC and reliability PNGs, ECE.
 
@@ -106,7 +110,22 @@ def evaluate(
                   set_name=set_name)
     typer.echo(markdown_table(metrics))
     typer.echo(f"written: {out / 'metrics.json'}, {out / 'metrics.md'}, "
-               f"{out / 'roc.png'}, {out / 'froc.png'}, {out / 'reliability.png'}")
+               f"{out / 'roc.png'}, {out / 'froc.png'}, {out / 'reliability.png'}, "
+               f"{out / 'qa_reference.json'}")
+    if write_reference is not None:
+        _write_reference(write_reference, out, set_name or str(data))
+
+
+def _write_reference(pkg: Path, out: Path, fitted_on: str) -> None:
+    """The evaluation's quality records into ``pkg`` (a model package) as its reference."""
+    from pipelines.models.package import QA_REFERENCE_FILE, write_qa_reference
+
+    records = json.loads((out / QA_REFERENCE_FILE).read_text())
+    if not records:
+        raise InputError("--write-reference: the pipeline gave no quality records")
+    m = write_qa_reference(pkg, records, fitted_on=fitted_on)
+    typer.echo(f"drift reference of {m.name} {m.version}: {len(records)} cases "
+               f"({fitted_on}) in {pkg / QA_REFERENCE_FILE}")
 
 
 def _live(ctx: typer.Context, since: str, model: str, n_boot: int, out: Path | None,

@@ -58,6 +58,8 @@ def status(
     Model versions are those of the latest finished job per pipeline: the models
     are loaded in the worker processes, not in this command.
     """
+    from node.quality import alert_lines, current_checks
+
     app_ctx = get(ctx)
     store = app_ctx.filestore()
     since = utcnow() - timedelta(days=1)
@@ -82,6 +84,7 @@ def status(
             .select_from(Job).where(Job.state == JobState.DONE, Job.finished_at >= since)).one()
         skipped_24h = s.scalar(select(func.count()).select_from(Series).where(
             Series.skip_reason.is_not(None), Series.completed_at >= since)) or 0
+        checks = current_checks(s)
         versions = dict(s.execute(
             select(Job.pipeline, Job.model_version).where(Job.state == JobState.DONE)
             .order_by(Job.finished_at)).all())
@@ -113,6 +116,9 @@ def status(
         "turnaround_p95_s": percentile(turnarounds, 95),
         # Celery dispatch (issue 17): queued jobs no live worker consumes, and the workers.
         "queued_without_worker": workers_view.queued_without_worker(app_ctx.db),
+        # Drift monitoring (node.quality): each group in alert at the newest check.
+        "quality_alerts": alert_lines(checks),
+        "quality_checked_at": max((c.checked_at for c in checks), default=None),
     }
     workers = workers_view.worker_rows(app_ctx.db)
     if as_json:

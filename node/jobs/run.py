@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session
 
 from node.config import NodeConfig
 from node.findings import finding_rows, job_provenance
+from node.quality import quality_row
 from pipelines import registry
 from pipelines.dicom_out import registry as writers
 from pipelines.dicom_out.builtins import EVIDENCE_KINDS
@@ -355,6 +356,10 @@ def _save(deps: JobDeps, owner: str, plan: JobPlan, model_version: str,
             session.add(out)
             outputs.append(out)
         session.add_all(finding_rows(job.id, result))
+        if deps.config.qa.enabled:  # drift monitoring (node.quality), same transaction
+            quality = quality_row(job, job.series, result, model_version=model_version)
+            if quality is not None:
+                session.add(quality)
         session.flush()
         if not plan.shadow and plan.destinations and outputs:
             deps.queue(session, outputs, list(plan.destinations))

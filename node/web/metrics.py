@@ -21,6 +21,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
+from node.quality import current_checks
 from node.web.context import WebContext
 from storage.models import AuditEvent, Destination, Instance, Job, JobState, Transfer, utcnow
 
@@ -130,6 +131,17 @@ class NodeCollector(Collector):
                     Job.state == JobState.RUNNING)):
                 if expires is not None:
                     leases.add_metric([worker or "?"], (expires - now).total_seconds())
+            # Drift monitoring (node.quality): the newest check of each group.
+            drift = GaugeMetricFamily(
+                "ainode_quality_alerts", "Drift alerts at the newest quality check, by "
+                "pipeline and scanner (* = all scanners); 0: in line with the reference",
+                labels=["pipeline", "scanner"])
+            checked = GaugeMetricFamily(
+                "ainode_quality_window_jobs", "Jobs in the window of the newest quality "
+                "check, by pipeline and scanner", labels=["pipeline", "scanner"])
+            for check in current_checks(s):
+                drift.add_metric([check.pipeline, check.scanner], float(len(check.alerts or [])))
+                checked.add_metric([check.pipeline, check.scanner], float(check.n_recent))
         yield received
         yield size
         yield outcomes
@@ -149,6 +161,8 @@ class NodeCollector(Collector):
                                 value=ctx.config.storage.min_free_mb * 2**20)
         yield GaugeMetricFamily("ainode_queue_depth", "Queued jobs", value=queued)
         yield leases
+        yield drift
+        yield checked
         up = GaugeMetricFamily("ainode_component_up", "1 when the component is alive",
                                labels=["component"])
         up.add_metric(["receivers"], 1.0 if ctx.receivers_listening() else 0.0)

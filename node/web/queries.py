@@ -19,6 +19,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
 import pipelines
+from node.quality import current_checks
 from node.web.context import WebContext
 from storage.models import (
     AuditEvent,
@@ -94,6 +95,11 @@ def status(ctx: WebContext) -> dict[str, Any]:
             select(Job.pipeline, Job.model_version).where(Job.state == JobState.DONE)
             .order_by(Job.finished_at)).all()}
         last_received = s.scalar(select(func.max(Instance.received_at)))
+        checks = current_checks(s)
+        alerts = sum(len(c.alerts or []) for c in checks)
+        quality = [{"pipeline": c.pipeline, "scanner": c.scanner, "n_recent": c.n_recent,
+                    "checked_at": _iso(c.checked_at), "alerts": list(c.alerts or []),
+                    "reference": c.reference} for c in checks]
         recent = [{"series_uid": se.series_instance_uid, "modality": se.modality,
                    "instances": se.instance_count, "state": se.state.value,
                    "calling_ae": se.calling_ae, "last_received_at": _iso(se.last_received_at)}
@@ -123,6 +129,9 @@ def status(ctx: WebContext) -> dict[str, Any]:
         "model_versions": versions,
         "last_received_at": _iso(last_received),
         "recent_series": recent,
+        # Drift monitoring (node.quality): the newest check of each pipeline and scanner.
+        "quality": quality,
+        "quality_alerts": alerts,
     }
 
 

@@ -137,6 +137,8 @@ SLOW: frozenset[str] = frozenset({
     "tests/test_web_e2e.py::test_browser_sees_what_arrived_and_the_result_and_roles_hold",
     # issue 20 (readers' feedback; CLI subprocesses, measured on the 2-core machine)
     "tests/test_feedback_live.py::test_seeded_verdicts_from_cli_api_and_console_give_the_known_ppv",
+    # issue 20 (drift monitoring; CLI subprocesses, measured on the 2-core machine)
+    "tests/test_quality_records.py::test_qa_report_compares_by_scanner_and_qa_check_audits_and_exits_1",
 })
 
 # Filled by the ``peer_entry`` decorator (tests.support.peers, tests.support.node):
