@@ -12,8 +12,12 @@ from tests.support.load import landed, load_round, start_job, start_load_node
 pytestmark = [pytest.mark.peers, pytest.mark.slow]
 
 
-def test_eight_senders_while_a_job_runs_all_land(tmp_path: Path) -> None:
-    node = start_load_node(tmp_path)
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_eight_senders_while_a_job_runs_all_land(tmp_path: Path, backend: str,
+                                                 request: pytest.FixtureRequest) -> None:
+    """On both databases: concurrent receivers' commits are where the back ends differ."""
+    url = request.getfixturevalue("postgres_url") if backend == "postgresql" else None
+    node = start_load_node(tmp_path, database_url=url)
     try:
         start_job(node, tmp_path)
         report = load_round(node, tmp_path, senders=8, slices=12)

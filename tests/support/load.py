@@ -81,8 +81,8 @@ def clone_ct(out: Path, n: int) -> Path:
     return out
 
 
-def start_load_node(tmp: Path) -> NodeProc:
-    return start_node(tmp, workers=2, stable_age_s=2.0)
+def start_load_node(tmp: Path, database_url: str | None = None) -> NodeProc:
+    return start_node(tmp, workers=2, stable_age_s=2.0, database_url=database_url)
 
 
 def start_job(node: NodeProc, tmp: Path) -> str:

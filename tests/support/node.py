@@ -33,10 +33,11 @@ class NodeProc:
     data_dir: Path
     config: Path
     log: Path
+    database_url: str | None = None  # None: the embedded SQLite in the data directory
 
     @property
     def db(self) -> Database:
-        return Database(f"sqlite:///{self.data_dir / 'ainode.db'}")
+        return Database(self.database_url or f"sqlite:///{self.data_dir / 'ainode.db'}")
 
     def kill_all(self) -> None:
         """SIGKILL the whole node (parent and receiver workers), like a power cut."""
@@ -71,12 +72,15 @@ def start_node(tmp: Path, *, min_free_mb: int = 0, workers: int = 2,
                data_dir: Path | None = None, port: int | None = None,
                callers: list[str] | None = None, stable_age_s: float = STABLE_AGE_S,
                extra: dict[str, Any] | None = None, serve_args: tuple[str, ...] = (),
-               ready_timeout: float = 90, config_after: bool = False) -> NodeProc:
+               ready_timeout: float = 90, config_after: bool = False,
+               database_url: str | None = None) -> NodeProc:
     """Start `ainode serve` with a config written for this test; returns once it answers echo.
 
     ``extra`` adds top-level config sections (e.g. destinations); ``serve_args``
     adds `ainode serve` options (e.g. --no-jobs); ``config_after`` passes
-    ``--config`` after ``serve`` instead of before it.
+    ``--config`` after ``serve`` instead of before it; ``database_url`` puts the
+    node on that database (a PostgreSQL one, say) instead of the data directory's
+    SQLite.
     """
     data_dir = data_dir or tmp / "node-data"
     port = port or free_port()
@@ -85,7 +89,8 @@ def start_node(tmp: Path, *, min_free_mb: int = 0, workers: int = 2,
         "dicom": {"ae_title": "AINODE", "host": "127.0.0.1", "port": port,
                   # ECHOSCU: the readiness probe below.
                   "allowed_callers": sorted({*(callers or CALLERS), "ECHOSCU"})},
-        "storage": {"data_dir": str(data_dir), "min_free_mb": min_free_mb},
+        "storage": {"data_dir": str(data_dir), "min_free_mb": min_free_mb,
+                    **({"database_url": database_url} if database_url else {})},
         "series": {"stable_age_s": stable_age_s},
         "logging": {"level": "INFO"},
         **(extra or {}),
@@ -96,7 +101,7 @@ def start_node(tmp: Path, *, min_free_mb: int = 0, workers: int = 2,
         args = [*serve, "--config", str(cfg)] if config_after else ["--config", str(cfg), *serve]
         proc = subprocess.Popen([*AINODE, *args], cwd=REPO, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-    node = NodeProc(proc, port, data_dir, cfg, log)
+    node = NodeProc(proc, port, data_dir, cfg, log, database_url)
 
     def ready() -> bool:
         if proc.poll() is not None:
