@@ -132,6 +132,8 @@ def demo_config(config: NodeConfig, work: Path) -> NodeConfig:
     the demo) and a destination; in the node's own database a later ``ainode
     serve`` would route every CT there. In ``<data_dir>/demo/node`` (SQLite) they
     never leave the demo, and an empty one per run makes each run's job its own.
+    No broker either: a ``queue.broker_url`` in the node's config would hand the
+    demo's job to Celery workers that read another database and never see it.
     """
     node_dir = work / "node"
     if node_dir.exists():
@@ -139,7 +141,8 @@ def demo_config(config: NodeConfig, work: Path) -> NodeConfig:
     node_dir.mkdir(parents=True)
     storage = config.storage.model_copy(update={
         "data_dir": node_dir, "database_url": None, "spool_dir": None, "results_dir": None})
-    return config.model_copy(update={"storage": storage, "destinations": []})
+    queue = config.queue.model_copy(update={"broker_url": None})
+    return config.model_copy(update={"storage": storage, "destinations": [], "queue": queue})
 
 
 def ensure_destination(service: Any, name: str, ae_title: str, port: int) -> None:

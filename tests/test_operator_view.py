@@ -430,10 +430,12 @@ def test_demo_runs_in_its_own_emptied_data_dir_and_reports_its_own_job(
     cfg = NodeConfig(storage={"data_dir": tmp_path / "data",
                               "database_url": "postgresql://x:y@db/ainode"},
                      destinations=[{"name": "pacs", "ae_title": "PACS", "host": "h",
-                                    "port": 104}])
+                                    "port": 104}],
+                     queue={"broker_url": "amqp://u:p@mq:5672/ainode"})
     work = tmp_path / "data" / "demo"
     first = demo_config(cfg, work)
     assert first.storage.data_dir == work / "node" and first.destinations == []
+    assert first.queue.broker_url is None  # the demo runs its job itself, no broker
     assert first.storage.effective_database_url.startswith("sqlite:///")
     (work / "node" / "left-over").write_text("from an earlier run")
     demo_config(cfg, work)
