@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -122,6 +123,18 @@ def test_seeded_verdicts_from_cli_api_and_console_give_the_known_ppv(web: Web) -
     # The console's form on the series result page: f12 agreed there.
     page = web.client.get(f"/series/{uids[6]}")
     assert f'id="verdict-{f[12]}"' in page.text and 'id="reference-form"' in page.text
+    # Each finding is one row of five cells, its verdict form in the fifth (a stray
+    # </tr> once put the forms in rows of their own, under no header), and the
+    # research-use line says so once.
+    table = re.search(r'<table id="findings">(.*?)</table>', page.text, re.S)
+    assert table is not None
+    rows = [r for r in re.split(r"<tr>", table.group(1)) if r.strip()]
+    assert len(rows) >= 3  # the header and each of series 6's findings
+    assert all(len(re.findall(r"<t[hd][ >]", r)) == 5 for r in rows), rows
+    assert all('class="verdict"' in r for r in rows[1:])
+    disclaimer = re.search(r'<div class="disclaimer" id="disclaimer">(.*?)</div>', page.text,
+                           re.S)
+    assert disclaimer is not None and disclaimer.group(1).count("Research use only") == 1
     r = web.client.post(f"/series/{uids[6]}/verdict", data={
         "csrf": token, "finding_id": str(f[12]), "verdict": "agree", "comment": ""},
         follow_redirects=False)
