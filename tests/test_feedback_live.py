@@ -189,3 +189,23 @@ def test_verdicts_are_refused_for_unknown_or_unscored_findings(web: Web) -> None
     assert r.status_code == 400 and "no finding" in r.json()["detail"]
     r = web.client.post("/api/v1/findings/1/verdict", json={"verdict": "agree"})
     assert r.status_code in (401, 403)  # a session post without its CSRF token
+
+
+def test_the_result_page_scrolls_outlines_and_evidence_maps_apart(web: Web) -> None:
+    """A series with evidence maps gets two viewers: the outline slider opens on the
+    middle outline slice, never on an evidence PNG that sorts into the middle."""
+    uids, _ = _seed(web)
+    folder = web.ctx.cache_dir / uids[0] / "out-0"  # this seeded series has no Output rows
+    folder.mkdir(parents=True)
+    outlines = [f"slice_{z:04d}_1.2.{z}.png" for z in range(10, 15)]
+    maps = [f"evidence_{z:04d}_1.2.{z}.png" for z in range(0, 21)]
+    for name in outlines + maps:
+        (folder / name).write_bytes(b"\x89PNG\r\n\x1a\n")
+    (folder / ".done").touch()
+    _login(web.client, "vic")
+    page = web.client.get(f"/series/{uids[0]}").text
+    main = re.search(r'<img id="overlay" src="[^"]*/overlay/([^"]+)"', page)
+    ev = re.search(r'<img id="evidence" src="[^"]*/overlay/([^"]+)"', page)
+    assert main is not None and main.group(1) == outlines[2]
+    assert ev is not None and ev.group(1) == maps[10]
+    assert 'max="4"' in page and 'max="20"' in page  # each slider through its own kind

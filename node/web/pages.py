@@ -143,8 +143,12 @@ def series_page(request: Request, series_uid: str, user: Viewer) -> HTMLResponse
     detail = queries.series_detail(ctx, series_uid, phi=user.is_admin)
     if detail is None:
         raise HTTPException(404, "no such series")
-    overlays = [p.name for p in _overlays(ctx, series_uid)] if detail["jobs"] else []
-    return _page(request, "series.html", user, d=detail, overlays=overlays)
+    names = [p.name for p in _overlays(ctx, series_uid)] if detail["jobs"] else []
+    # Two viewers, not one: a slider through the SEG outlines and the evidence maps
+    # mixed would open on whichever kind sorts in the middle, not on the lesion.
+    return _page(request, "series.html", user, d=detail,
+                 overlays=[n for n in names if not n.startswith("evidence_")],
+                 evidence=[n for n in names if n.startswith("evidence_")])
 
 
 @router.get("/series/{series_uid}/overlay/{name}")
