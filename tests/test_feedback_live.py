@@ -128,10 +128,10 @@ def test_seeded_verdicts_from_cli_api_and_console_give_the_known_ppv(web: Web) -
     # research-use line says so once.
     table = re.search(r'<table id="findings">(.*?)</table>', page.text, re.S)
     assert table is not None
-    rows = [r for r in re.split(r"<tr>", table.group(1)) if r.strip()]
-    assert len(rows) >= 3  # the header and each of series 6's findings
-    assert all(len(re.findall(r"<t[hd][ >]", r)) == 5 for r in rows), rows
-    assert all('class="verdict"' in r for r in rows[1:])
+    trs = [r for r in re.split(r"<tr>", table.group(1)) if r.strip()]
+    assert len(trs) >= 3  # the header and each of series 6's findings
+    assert all(len(re.findall(r"<t[hd][ >]", r)) == 5 for r in trs), trs
+    assert all('class="verdict"' in r for r in trs[1:])
     disclaimer = re.search(r'<div class="disclaimer" id="disclaimer">(.*?)</div>', page.text,
                            re.S)
     assert disclaimer is not None and disclaimer.group(1).count("Research use only") == 1
