@@ -125,7 +125,7 @@ def wait_until_reachable(db: Database, timeout_s: float, *,
                 raise StorageError(f"{exc} (gave up after {timeout_s:g} s; "
                                    "storage.database_wait_s sets how long)") from exc
             _log.warning("database not reachable yet; retrying",
-                         extra={"database": db.safe_url, "retry_in_s": min(delay, left),
+                         extra={"database": db.safe_url, "retry_in_s": round(min(delay, left), 1),
                                 "error": str(exc)})
             sleep(min(delay, left))
             delay = min(delay * 2, 15.0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -85,6 +86,9 @@ def test_serve_retries_an_unreachable_database_then_gives_up(tmp_path: Path) -> 
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("ainode: error")]
     assert len(errors) == 1 and "gave up after 3 s" in errors[0]
     assert "retrying" in proc.stderr and "Traceback" not in proc.stderr
+    # the wait is said as a person reads it, not as 1.9969885499995144
+    waits = re.findall(r"retry_in_s=([0-9.]+)", proc.stderr)
+    assert waits and all(len(w.partition(".")[2]) <= 1 for w in waits), waits
     assert "s3cret" not in proc.stderr
     assert took >= 3
 
@@ -117,6 +121,15 @@ def test_help_shows_json_and_wide_as_flags(tmp_path: Path) -> None:
     proc = run(tmp_path, "jobs", "list", "--help", columns=120)
     lines = [ln for ln in proc.stdout.splitlines() if "--json" in ln or "--wide" in ln]
     assert len(lines) == 2 and not any("<bool>" in ln for ln in lines)
+
+
+@pytest.mark.parametrize("command", [(), ("rules", "add"), ("jobs",)])
+def test_help_has_no_bool_metavar_and_no_rest_quotes(
+        tmp_path: Path, command: tuple[str, ...]) -> None:
+    proc = run(tmp_path, *command, "--help", columns=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "--help" in proc.stdout
+    assert "<bool>" not in proc.stdout and "``" not in proc.stdout
 
 
 def test_tables_fit_and_wide_shows_full_uids(

@@ -111,6 +111,26 @@ def _wide_option() -> Any:
     return option
 
 
+def _plain(text: str) -> str:
+    """Help text as a terminal shows it: the docstrings' reST ``literal`` quotes
+    would print as double backticks, which no operator types."""
+    return text.replace("``", "")
+
+
+def _flag_help_option(command: Any) -> None:
+    """``--help`` is made by click per invocation, after the flags above were
+    fixed, so it is fixed where it is made: a flag, not "--help <bool>"."""
+    make = command.get_help_option
+
+    def get_help_option(ctx: Any) -> Any:
+        option = make(ctx)
+        if option is not None and option.metavar is None:
+            option.metavar = ""
+        return option
+
+    command.get_help_option = get_help_option
+
+
 def _add_config_option(command: Any) -> None:
     if not any(p.name == "config" for p in command.params):
         command.params.append(_config_option())
@@ -122,6 +142,11 @@ def _add_config_option(command: Any) -> None:
         # a value; a flag has no metavar.
         if getattr(param, "is_flag", False) and param.metavar is None:
             param.metavar = ""
+        if isinstance(getattr(param, "help", None), str):
+            param.help = _plain(param.help)
+    if isinstance(getattr(command, "help", None), str):
+        command.help = _plain(command.help)
+    _flag_help_option(command)
     for sub in getattr(command, "commands", {}).values():
         _add_config_option(sub)
 
@@ -131,6 +156,10 @@ class _RootGroup(TyperGroup):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        _flag_help_option(self)
+        for param in self.params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
         for command in self.commands.values():
             _add_config_option(command)
 
