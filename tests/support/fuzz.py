@@ -379,10 +379,18 @@ class _Checker:
                 self._defect(f"{label}: acknowledged but no row")
             elif kind in ("short_pixels", "deflate_bomb", "truncated_dataset"):
                 self._defect(f"{label}: acknowledged a data set that cannot be whole")
+            elif not self._as_sent(stored["path"], dataset):
+                self._defect(f"{label}: acknowledged, but the stored file does not end "
+                             "with the data set bytes that were sent")
         elif stored is not None and out.kind.startswith("status:"):
             self._defect(f"{label}: refused ({out.kind}) but a row was stored")
         self._alive(label)
         self._maybe_probe()
+
+    def _as_sent(self, rel: str, dataset: bytes) -> bool:
+        """The spool file is the sent data set behind a file meta header, byte for
+        byte: the node stores what it received, and never re-encodes it."""
+        return (self.node.data_dir / "spool" / rel).read_bytes().endswith(dataset)
 
     def _stored(self, uid: str) -> dict[str, Any] | None:
         import sqlalchemy as sa
