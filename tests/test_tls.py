@@ -193,17 +193,22 @@ def test_tls_refusals_are_audited_and_a_silent_peer_blocks_nobody(
 
 
 def test_sending_to_a_tls_destination_uses_the_profile(tmp_path: Path) -> None:
-    """The node as the TLS client: C-ECHO to dcmtk's storescp +tls, which requires our
-    certificate; a destination whose certificate our CA did not sign is refused."""
-    from node.send.scu import Peer, echo_peer
+    """The node as the TLS client: C-ECHO and a C-STORE of real slices to dcmtk's
+    storescp +tls, which requires our certificate; a destination whose certificate
+    our CA did not sign is refused."""
+    import pydicom
+
+    from node.send.scu import Peer, associate, contexts_for, echo_peer, store
     from storage.errors import TransferError
 
     pki = make_pki(tmp_path / "pki")
     for server, ok in (("node", True), ("stranger", False)):
         port = free_port()
+        out = tmp_path / f"received-{server}"
+        out.mkdir()
         scp = subprocess.Popen(
             [require("storescp"), "+tls", str(pki / f"{server}.key"), str(pki / f"{server}.crt"),
-             "+cf", str(pki / "ca.crt"), "-od", str(tmp_path), "-aet", "DEST", str(port)],
+             "+cf", str(pki / "ca.crt"), "-od", str(out), "-aet", "DEST", str(port)],
             env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             wait_for(lambda p=port: _port_open(p), timeout=30, what="storescp +tls")
@@ -212,6 +217,12 @@ def test_sending_to_a_tls_destination_uses_the_profile(tmp_path: Path) -> None:
                         key_file=pki / "client.key", ca_file=pki / "ca.crt")
             if ok:
                 assert echo_peer(peer) == 0
+                slices = sorted(dicom_series_dir("ct_phantom_philips").iterdir())[:3]
+                sent = [pydicom.dcmread(p) for p in slices]
+                with associate(peer, contexts_for(sent)) as assoc:
+                    assert [store(assoc, ds) for ds in sent] == [0, 0, 0]
+                got = {pydicom.dcmread(p).SOPInstanceUID for p in out.iterdir()}
+                assert got == {ds.SOPInstanceUID for ds in sent}
             else:
                 with pytest.raises(TransferError):
                     echo_peer(peer)
