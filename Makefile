@@ -76,11 +76,12 @@ lint: $(STAMP)
 FUZZ_SECONDS ?= 600
 FUZZ_SEED ?= 19
 SOAK_SECONDS ?= 1800
+SOAK_DB ?= sqlite
 fuzz: $(STAMP) peers
 	$(BIN)/python -m tests.support.fuzz --seconds $(FUZZ_SECONDS) --seed $(FUZZ_SEED)
 
 soak: $(STAMP) peers
-	$(BIN)/python -m tests.support.load --seconds $(SOAK_SECONDS) --senders 8 --slices 300
+	$(BIN)/python -m tests.support.load --seconds $(SOAK_SECONDS) --senders 8 --slices 300 --database $(SOAK_DB)
 
 bench: $(STAMP) peers
 	@ls bench/*.py >/dev/null 2>&1 && for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b; done

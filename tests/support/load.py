@@ -19,6 +19,7 @@ in place: a round writes 8 x 150 MB, and a soak that kept them all filled a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import statistics
 import subprocess
@@ -26,6 +27,8 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -221,9 +224,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=1800)
     parser.add_argument("--senders", type=int, default=8)
     parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--database", choices=("sqlite", "postgresql"), default="sqlite",
+                        help="postgresql: a fresh database on the machine's server, "
+                             "dropped afterwards (where the commit path differs)")
     args = parser.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="ainode-soak-"))
-    node = start_load_node(tmp)
+    with _database(args.database) as database_url:
+        return _soak(tmp, args, database_url)
+
+
+@contextlib.contextmanager
+def _database(kind: str) -> Iterator[str | None]:
+    if kind == "sqlite":
+        yield None
+        return
+    from storage.db import Database
+    from tests.support.services import POSTGRES_ADMIN_URL, ensure_postgres
+
+    if not ensure_postgres():
+        raise SystemExit("soak: PostgreSQL is not running and could not be started")
+    name = f"ainode_soak_{uuid.uuid4().hex[:12]}"
+    admin = Database(POSTGRES_ADMIN_URL)
+    try:
+        with admin.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+            c.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+            c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def _soak(tmp: Path, args: argparse.Namespace, database_url: str | None) -> int:
+    node = start_load_node(tmp, database_url)
     report = LoadReport()
     rounds = recorded = purged = 0
     try:
