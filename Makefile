@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 # Orthanc (the PACS) with its DICOMweb plugin, dicom3tools (dciodvfy, the validator),
 # chromium + chromium-driver (the browser the web console is tested with), and the
 # brokers of Celery dispatch, RabbitMQ and Redis (tests/test_celery_dispatch.py).
-PEERS := dcmtk orthanc orthanc-dicomweb dicom3tools libgdcm-tools chromium chromium-driver rabbitmq-server redis-server
+PEERS := dcmtk orthanc orthanc-dicomweb dicom3tools libgdcm-tools chromium chromium-driver rabbitmq-server redis-server systemd
 PYTEST_ARGS ?=
 
 .PHONY: help venv peers services test test-fast demo lint fuzz soak bench bench-ingest bench-stow bench-preprocess bench-writers bench-pipeline bench-workers train-demo clean
@@ -41,6 +41,7 @@ peers:
 	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
 	command -v rabbitmq-server >/dev/null || test -x /usr/sbin/rabbitmq-server || missing="$$missing rabbitmq-server"; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing DICOM test peers:$$missing"; \

@@ -6,19 +6,17 @@ tests/support/markers.py says how each marker is derived.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pydicom
 import pytest
-import sqlalchemy as sa
 
 from storage import migrate
 from storage.db import Database
 from storage.filestore import FileStore
 from tests.support import markers
-from tests.support.services import POSTGRES_ADMIN_URL, ensure_postgres
+from tests.support.services import POSTGRES_ADMIN_URL, ensure_postgres, fresh_postgres_database
 
 # What the node writes is validated strictly; what it reads is real scanner data
 # that is not always valid, so reading stays tolerant (the node's own policy).
@@ -73,12 +71,8 @@ def postgres_admin() -> Iterator[Database]:
 def postgres_url(postgres_admin: Database) -> Iterator[str]:
     """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
     markers.needs("postgres", "PostgreSQL")
-    name = f"ainode_test_{uuid.uuid4().hex[:12]}"
-    with postgres_admin.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
-        c.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    with postgres_admin.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
-        c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with fresh_postgres_database(postgres_admin) as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

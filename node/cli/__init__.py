@@ -131,12 +131,8 @@ def _flag_help_option(command: Any) -> None:
     command.get_help_option = get_help_option
 
 
-def _add_config_option(command: Any) -> None:
-    if not any(p.name == "config" for p in command.params):
-        command.params.append(_config_option())
-    if any(p.name == "as_json" for p in command.params) and \
-            not any(p.name == "wide" for p in command.params):
-        command.params.append(_wide_option())
+def _tidy_help(command: Any) -> None:
+    """One command's help as an operator reads it (the root's and every other's)."""
     for param in command.params:
         # Typer's help shows every flag as "--json <bool>", which reads as if it took
         # a value; a flag has no metavar.
@@ -147,6 +143,15 @@ def _add_config_option(command: Any) -> None:
     if isinstance(getattr(command, "help", None), str):
         command.help = _plain(command.help)
     _flag_help_option(command)
+
+
+def _add_config_option(command: Any) -> None:
+    if not any(p.name == "config" for p in command.params):
+        command.params.append(_config_option())
+    if any(p.name == "as_json" for p in command.params) and \
+            not any(p.name == "wide" for p in command.params):
+        command.params.append(_wide_option())
+    _tidy_help(command)
     for sub in getattr(command, "commands", {}).values():
         _add_config_option(sub)
 
@@ -156,10 +161,7 @@ class _RootGroup(TyperGroup):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        _flag_help_option(self)
-        for param in self.params:
-            if getattr(param, "is_flag", False) and param.metavar is None:
-                param.metavar = ""
+        _tidy_help(self)
         for command in self.commands.values():
             _add_config_option(command)
 

@@ -27,7 +27,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,19 +238,15 @@ def _database(kind: str) -> Iterator[str | None]:
         yield None
         return
     from storage.db import Database
-    from tests.support.services import POSTGRES_ADMIN_URL, ensure_postgres
+    from tests.support.services import POSTGRES_ADMIN_URL, ensure_postgres, fresh_postgres_database
 
     if not ensure_postgres():
         raise SystemExit("soak: PostgreSQL is not running and could not be started")
-    name = f"ainode_soak_{uuid.uuid4().hex[:12]}"
     admin = Database(POSTGRES_ADMIN_URL)
     try:
-        with admin.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
-            c.execute(sa.text(f'CREATE DATABASE "{name}"'))
-        yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+        with fresh_postgres_database(admin, prefix="ainode_soak") as url:
+            yield url
     finally:
-        with admin.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
-            c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
 
 

@@ -6,14 +6,19 @@ call :func:`ensure_postgres` too, so a test run never depends on the order.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 __all__ = ["POSTGRES_ADMIN_URL", "RABBITMQ_PORT", "REDIS_PORT", "ensure_postgres",
-           "ensure_rabbitmq", "ensure_redis", "port_open", "rabbitmqctl"]
+           "ensure_rabbitmq", "ensure_redis", "fresh_postgres_database", "port_open",
+           "rabbitmqctl"]
 
 POSTGRES_HOST = "127.0.0.1"
 POSTGRES_PORT = 5432
@@ -26,6 +31,22 @@ def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
             return True
     except OSError:
         return False
+
+
+@contextlib.contextmanager
+def fresh_postgres_database(admin: Any, prefix: str = "ainode_test") -> Iterator[str]:
+    """The URL of a new, empty database on the machine's server, dropped (forcibly)
+    afterwards; ``admin`` is a ``storage.db.Database`` on ``POSTGRES_ADMIN_URL``."""
+    import sqlalchemy as sa
+
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    with admin.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+        c.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+            c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 def ensure_postgres(timeout_s: float = 60.0) -> bool:
